@@ -236,32 +236,34 @@ def input_format(path: str) -> str:
     raise SystemExit(f"{path}: unknown input format (use .txt, .jsonl, .json, .parquet, optionally .gz / .zst)")
 
 
-def _decoded_lines(path, f):
-    for lineno, raw in enumerate(f, 1):
+def _decoded_lines(path, f, first_lineno=1):
+    for lineno, raw in enumerate(f, first_lineno):
         try:
             yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as e:
             yield lineno, BadInput(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})")
 
 
-def _txt_records(path, f, txt_docs):
+def _txt_records(path, f, txt_docs, first_lineno=1):
     """One document per line, or (txt_docs="paragraph") per block of lines between blank lines."""
     block, start = [], 0
-    for lineno, line in _decoded_lines(path, f):
-        if isinstance(line, BadInput) or txt_docs == "line":
+    for lineno, line in _decoded_lines(path, f, first_lineno):
+        if isinstance(line, BadInput):
             yield lineno, line
+        elif txt_docs == "line":
+            yield lineno, line.rstrip("\r\n")
         elif line.strip():
             start = start or lineno
             block.append(line)
         elif block:
-            yield start, "".join(block)
+            yield start, "".join(block).rstrip("\r\n")
             block, start = [], 0
     if block:
-        yield start, "".join(block)
+        yield start, "".join(block).rstrip("\r\n")
 
 
-def _jsonl_records(path, f):
-    for lineno, line in _decoded_lines(path, f):
+def _jsonl_records(path, f, first_lineno=1):
+    for lineno, line in _decoded_lines(path, f, first_lineno):
         if isinstance(line, BadInput) or not line.strip():
             yield lineno, line
             continue
@@ -322,10 +324,13 @@ def _json_list_records(path, f, block_chars=1 << 20):
         raise BadInput(f"{path}:{lineno}: not valid UTF-8 ({e.reason})")
 
 
-def _json_records(path, f, txt_docs):
-    # a ".json" file is either one list or JSON lines (shibing624/medical ships JSON lines named .json)
-    first = f.peek(64).lstrip()[:1] if hasattr(f, "peek") else b"["
-    return _json_list_records(path, f) if first == b"[" else _jsonl_records(path, f)
+def _is_json_list(f) -> bool:
+    """A ".json" file is either one list or JSON lines (shibing624/medical ships JSON lines named .json)."""
+    return f.peek(64).lstrip()[:1] == b"["
+
+
+def _json_records(path, f):
+    return _json_list_records(path, f) if _is_json_list(f) else _jsonl_records(path, f)
 
 
 def _parquet_records(path, f, batch_rows=1024):
@@ -384,57 +389,80 @@ def record_text(record, text_field: list[str], where: str) -> str:
     return "\n".join(parts)
 
 
+def _records(path, f, fmt, txt_docs="line", first_lineno=1):
+    """(line number, record or text or BadInput) for every record of an open input file."""
+    if fmt == "txt":
+        return _txt_records(path, f, txt_docs, first_lineno)
+    if fmt == "jsonl":
+        return _jsonl_records(path, f, first_lineno)
+    if fmt == "json":
+        return _json_records(path, f)
+    return _parquet_records(path, f)
+
+
+def _texts(path, records, text_field, strip_tags, skip_bad_lines, counts):
+    """Text of every record; a bad record raises BadInput naming file:line, or is counted and skipped."""
+    for lineno, rec in records:
+        try:
+            if isinstance(rec, BadInput):
+                raise rec
+            text = record_text(rec, list(text_field), f"{path}:{lineno}")
+        except BadInput as e:
+            if not skip_bad_lines:
+                raise BadInput(f"{e} (or pass --skip_bad_lines)")
+            counts["bad_lines"] += 1
+            continue
+        counts["docs_read"] += 1
+        yield strip_pos_tags(text) if strip_tags else text
+
+
 def iter_documents(files, text_field=("text",), txt_docs="line", strip_tags=False,
                    skip_bad_lines=False, counts=None):
-    """Yield the raw text of every document in the input files, in order. Bad records raise SystemExit
-    naming file:line, or with skip_bad_lines are counted in counts["bad_lines"] and skipped."""
+    """Yield the raw text of every document in the input files, in order, in this process. Bad records
+    raise SystemExit naming file:line, or with skip_bad_lines are counted in counts["bad_lines"] and skipped."""
     counts = collections.Counter() if counts is None else counts
     for path in files:
         fmt = input_format(path)
         with _open_binary(path) as f:
-            records = {"txt": lambda: _txt_records(path, f, txt_docs),
-                       "jsonl": lambda: _jsonl_records(path, f),
-                       "json": lambda: _json_records(path, f, txt_docs),
-                       "parquet": lambda: _parquet_records(path, f)}[fmt]()
             try:
-                for lineno, rec in records:
-                    try:
-                        if isinstance(rec, BadInput):
-                            raise rec
-                        text = record_text(rec, list(text_field), f"{path}:{lineno}")
-                    except BadInput as e:
-                        if not skip_bad_lines:
-                            raise SystemExit(f"{e} (or pass --skip_bad_lines)")
-                        counts["bad_lines"] += 1
-                        continue
-                    counts["docs_read"] += 1
-                    yield strip_pos_tags(text) if strip_tags else text
-            except BadInput as e:  # an error that ends the file (a broken JSON list)
+                yield from _texts(path, _records(path, f, fmt, txt_docs), text_field, strip_tags, skip_bad_lines, counts)
+            except BadInput as e:
                 raise SystemExit(str(e))
             except (OSError, EOFError) as e:
                 raise SystemExit(f"{path}: read error ({e})")
 
 
+def doc_hash(doc: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def clean_batch(texts: list[str], min_chars: int, counts) -> list[str]:
+    """Strip; drop empty and too-short (< min_chars, at least 1) documents. List comprehensions: this runs on
+    every document, so it stays in C as much as possible."""
+    stripped = [t.strip() for t in texts]
+    min_chars = max(1, min_chars)
+    docs = [t for t in stripped if len(t) >= min_chars]
+    n_empty = stripped.count("")
+    counts["empty"] += n_empty
+    counts["too_short"] += len(stripped) - len(docs) - n_empty
+    counts["kept"] += len(docs)
+    return docs
+
+
 def clean_documents(docs, min_chars=5, dedup=False, counts=None):
-    """Strip; drop empty and too-short documents; with dedup drop exact repeats (64-bit blake2b of the text)."""
+    """clean_batch over a stream of documents; with dedup also drop exact repeats (64-bit blake2b of the text)."""
     counts = collections.Counter() if counts is None else counts
     seen = set()
-    for doc in docs:
-        doc = doc.strip()
-        if not doc:
-            counts["empty"] += 1
-            continue
-        if len(doc) < min_chars:
-            counts["too_short"] += 1
-            continue
-        if dedup:
-            h = hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest()
-            if h in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(h)
-        counts["kept"] += 1
-        yield doc
+    for chunk in chunk_documents(docs):
+        for doc in clean_batch(chunk, min_chars, counts):
+            if dedup:
+                h = doc_hash(doc)
+                if h in seen:
+                    counts["duplicate"] += 1
+                    counts["kept"] -= 1
+                    continue
+                seen.add(h)
+            yield doc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,39 +515,120 @@ def chunk_documents(docs, chunk_chars=1 << 20, max_docs=8192):
         yield chunk
 
 
-def tokenize_docs(task):
-    """Worker: (docs, dtype, bos) -> (flat ids with [BOS] doc EOS for every doc, tokens per doc).
-    One batched sentencepiece call; the flattening runs in C (np.fromiter over a chain), no Python per token."""
-    docs, dtype, bos = task
-    tok = _worker_tok
+def encode_documents(tok: Tokenizer, docs: list[str], dtype, bos: bool = False):
+    """-> (flat ids with [BOS] doc EOS for every doc, tokens per doc). One batched sentencepiece call; the
+    flattening runs in C (np.fromiter over a chain), no Python work per token."""
     ids = tok.encode_batch(docs)
-    n_text = np.fromiter(map(len, ids), np.int64, len(ids))
-    per_doc = n_text + 1 + bool(bos)
-    ends = np.cumsum(per_doc)
-    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
-    is_text = np.ones(len(out), bool)
-    out[ends - 1] = tok.eos_id
-    is_text[ends - 1] = False
+    for x in ids:
+        x.append(tok.eos_id)
     if bos:
-        out[ends - per_doc] = tok.bos_id
-        is_text[ends - per_doc] = False
-    out[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype, int(n_text.sum()))
-    return out, per_doc
+        ids = [[tok.bos_id] + x for x in ids]
+    per_doc = np.fromiter(map(len, ids), np.int64, len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype, int(per_doc.sum())), per_doc
+
+
+def _line_blocks(f, block_bytes):
+    """(number of the first line, bytes of whole lines) blocks of about block_bytes from a binary stream."""
+    rest, lineno = b"", 1
+    while True:
+        data = f.read(block_bytes)
+        buf = rest + data
+        cut = buf.rfind(b"\n") + 1 if data else len(buf)  # at the end of the file the last line has no "\n"
+        if cut:
+            yield lineno, buf[:cut]
+            lineno += buf.count(b"\n", 0, cut)
+        rest = buf[cut:]
+        if not data:
+            return
+
+
+def _line_based(fmt, f, txt_docs) -> bool:
+    if fmt == "json":
+        return not _is_json_list(f)
+    return fmt == "jsonl" or (fmt == "txt" and txt_docs == "line")
+
+
+def read_tasks(files, cfg: dict, counts, chunk_bytes=1 << 20):
+    """The work for the pool, in input order. Line-based files (txt, jsonl) go out as raw byte blocks, so the
+    workers also decode and parse them and this process only reads and writes; other formats (a JSON list,
+    parquet, txt paragraphs) are parsed here and go out as lists of documents."""
+    for path in files:
+        fmt = input_format(path)
+        with _open_binary(path) as f:
+            try:
+                if _line_based(fmt, f, cfg["txt_docs"]):
+                    fmt = "txt" if fmt == "txt" else "jsonl"
+                    for lineno, block in _line_blocks(f, chunk_bytes):
+                        yield cfg, path, fmt, lineno, block
+                else:
+                    texts = _texts(path, _records(path, f, fmt, cfg["txt_docs"]), cfg["text_field"],
+                                   cfg["strip_tags"], cfg["skip_bad_lines"], counts)
+                    for docs in chunk_documents(texts, chunk_bytes):
+                        yield cfg, path, None, None, docs
+            except (OSError, EOFError) as e:
+                raise BadInput(f"{path}: read error ({e})")
+
+
+def _block_texts(cfg, path, fmt, lineno, block, counts) -> list[str]:
+    """The texts of a block of whole lines: what iter_documents yields for those lines."""
+    if fmt == "txt":
+        try:  # fast path: one decode and one split for the whole block
+            lines = block.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            lines = None
+        if lines is not None:
+            texts = lines[:-1] if lines[-1] == "" else lines
+            counts["docs_read"] += len(texts)
+            return [strip_pos_tags(t) for t in texts] if cfg["strip_tags"] else texts
+    # jsonl, or a txt block with bad UTF-8: the line-by-line reader, which names the bad line
+    return list(_texts(path, _records(path, io.BytesIO(block), fmt, "line", lineno), cfg["text_field"],
+                       cfg["strip_tags"], cfg["skip_bad_lines"], counts))
+
+
+def tokenize_task(task):
+    """Worker: one task of read_tasks -> (tokens, tokens per doc, 64-bit doc hashes for --dedup, counts).
+    Errors are raised as BadInput (a Pool worker must not raise SystemExit) and re-raised by the main process."""
+    cfg, path, fmt, lineno, payload = task
+    counts = collections.Counter()
+    texts = payload if fmt is None else _block_texts(cfg, path, fmt, lineno, payload, counts)
+    docs = clean_batch(texts, cfg["min_chars"], counts)
+    tokens, per_doc = encode_documents(_worker_tok, docs, cfg["dtype"], cfg["bos"])
+    hashes = np.fromiter(map(doc_hash, docs), np.uint64, len(docs)) if cfg["dedup"] else None
+    return tokens, per_doc, hashes, counts
 
 
 # ----------------------------------------------------------------------------------------------
 # the whole job
 
 
-def is_val_doc(i: int, val_ratio: float) -> bool:
-    """Document i goes to val when floor((i+1) r) steps up: exactly round(n r) of n documents, evenly spread,
-    the same on every run and for any worker count."""
-    return math.floor((i + 1) * val_ratio) > math.floor(i * val_ratio)
+def is_val_doc(i, val_ratio: float):
+    """Document i (an int or an array of them) goes to val when floor((i+1) r) steps up: exactly floor(n r) of
+    n documents, evenly spread, the same on every run and for any worker count."""
+    return np.floor((i + 1) * val_ratio) > np.floor(i * val_ratio)
+
+
+def first_seen(hashes, seen: set) -> np.ndarray:
+    """Mask of the documents whose hash was not seen before (exact dedup across the whole corpus)."""
+    keep = np.ones(len(hashes), bool)
+    for i, h in enumerate(hashes.tolist()):
+        if h in seen:
+            keep[i] = False
+        else:
+            seen.add(h)
+    return keep
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus that of its finished children (the pool workers, once joined)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ru.ru_utime + ru.ru_stime
 
 
 def process(files, tokenizer_path, out, text_field=("text",), txt_docs="line", strip_tags=False,
             workers=1, val_ratio=0.01, bos=False, dedup=False, min_chars=5, skip_bad_lines=False,
-            dtype="auto", chunk_chars=1 << 20, progress=True):
+            dtype="auto", chunk_bytes=1 << 20, progress=True):
     """Tokenize the files into OUT_train.bin/.json (+ OUT_val.bin/.json when val_ratio > 0); returns the stats."""
     from tqdm import tqdm
 
@@ -527,42 +636,48 @@ def process(files, tokenizer_path, out, text_field=("text",), txt_docs="line", s
     dt = token_dtype(tok.vocab_size, dtype)
     if not 0 <= val_ratio < 1:
         raise SystemExit(f"--val_ratio {val_ratio}: must be in [0, 1)")
-    counts = collections.Counter()
+    for path in files:  # fail before any work on a missing file or an unknown extension
+        input_format(path)
+        _open_binary(path).close()
+    cfg = dict(text_field=list(text_field), txt_docs=txt_docs, strip_tags=strip_tags, skip_bad_lines=skip_bad_lines,
+               min_chars=min_chars, dedup=dedup, dtype=dt, bos=bos)
+    counts, seen = collections.Counter(), set()
     meta = dict(vocab_size=tok.vocab_size, tokenizer=os.path.abspath(tok.path), tokenizer_hash=tok.file_hash,
                 eos_id=tok.eos_id, bos_id=tok.bos_id, bos_added=bool(bos),
                 sources=[os.path.abspath(p) for p in files], text_field=list(text_field))
     splits = ["train"] + (["val"] if val_ratio > 0 else [])
     writers = {s: TokenFileWriter(f"{out}_{s}", dt, {**meta, "split": s}) for s in splits}
-    docs = clean_documents(iter_documents(files, text_field, txt_docs, strip_tags, skip_bad_lines, counts),
-                           min_chars, dedup, counts)
-
-    def tasks():
-        for chunk in chunk_documents(docs, chunk_chars):
-            yield chunk, dt, bos
-
-    t0, doc_index = time.perf_counter(), 0
-    bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress)
+    t0, cpu0, doc_index = time.perf_counter(), cpu_seconds(), 0
     try:
-        for tokens, per_doc in imap_ordered(tokenize_docs, tasks(), workers, init_worker, (tok.path,)):
-            is_val = np.array([is_val_doc(doc_index + i, val_ratio) for i in range(len(per_doc))], bool)
-            doc_index += len(per_doc)
-            token_is_val = np.repeat(is_val, per_doc)  # spread the per-document choice over its tokens
-            writers["train"].write(tokens[~token_is_val], n_docs=int((~is_val).sum()))
-            if "val" in writers:
-                writers["val"].write(tokens[token_is_val], n_docs=int(is_val.sum()))
-            bar.update(len(tokens))
-        bar.close()
+        with tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress) as bar:
+            tasks = read_tasks(files, cfg, counts, chunk_bytes)
+            for tokens, per_doc, hashes, task_counts in imap_ordered(tokenize_task, tasks, workers, init_worker,
+                                                                     (tok.path,)):
+                counts.update(task_counts)
+                if hashes is not None:
+                    keep = first_seen(hashes, seen)
+                    counts["duplicate"] += int((~keep).sum())
+                    counts["kept"] -= int((~keep).sum())
+                    tokens, per_doc = tokens[np.repeat(keep, per_doc)], per_doc[keep]
+                is_val = is_val_doc(np.arange(doc_index, doc_index + len(per_doc)), val_ratio)
+                doc_index += len(per_doc)
+                token_is_val = np.repeat(is_val, per_doc)  # spread the per-document choice over its tokens
+                writers["train"].write(tokens[~token_is_val], n_docs=int((~is_val).sum()))
+                if "val" in writers:
+                    writers["val"].write(tokens[token_is_val], n_docs=int(is_val.sum()))
+                bar.update(len(tokens))
         if doc_index == 0:
             raise SystemExit(f"{', '.join(files)}: no documents left after cleaning (counts: {dict(counts)})")
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         for w in writers.values():
             w.meta["counts"] = dict(counts)
             w.commit()
-    except BaseException:
+    except BadInput as e:
+        raise SystemExit(str(e))
+    finally:
         for w in writers.values():
             if not w.done:
                 w.abort()
-        raise
     in_bytes = sum(os.path.getsize(p) for p in files)
     n_tokens = sum(w.n_tokens for w in writers.values())
     stats = {**{k: counts[k] for k in ("docs_read", "bad_lines", "empty", "too_short", "duplicate", "kept")},
@@ -570,7 +685,9 @@ def process(files, tokenizer_path, out, text_field=("text",), txt_docs="line", s
              **{f"{s}_tokens": w.n_tokens for s, w in writers.items()},
              **{f"{s}_file": w.prefix + ".bin" for s, w in writers.items()},
              "dtype": dt.name, "elapsed_s": round(elapsed, 3),
-             "tokens/s": round(n_tokens / elapsed), "MB/s": round(in_bytes / 1e6 / elapsed, 3)}
+             "tokens/s": round(n_tokens / elapsed), "MB/s": round(in_bytes / 1e6 / elapsed, 3),
+             # CPU seconds of all processes: tokens/cpu_s does not depend on other load on the machine
+             "cpu_s": round(cpu, 3), "tokens/cpu_s": round(n_tokens / cpu)}
     return stats
 
 
@@ -614,12 +731,13 @@ def main():
     p.add_argument("--bos", action="store_true", help="also put BOS before every document (EOS always follows each)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                    help="token id dtype; auto = uint16 when vocab_size < 65536, else uint32")
-    p.add_argument("--chunk_chars", type=int, default=1 << 20, help="characters of text per worker task")
+    p.add_argument("--chunk_bytes", type=int, default=1 << 20,
+                   help="input bytes (or characters of parsed text) per worker task")
     args = p.parse_args()
     files = resolve_inputs(args)
     stats = process(files, args.tokenizer, args.out, args.text_field, args.txt_docs, args.strip_pos_tags,
                     args.workers, args.val_ratio, args.bos, args.dedup, args.min_chars, args.skip_bad_lines,
-                    args.dtype, args.chunk_chars)
+                    args.dtype, args.chunk_bytes)
     for k, v in stats.items():
         print(f"{k}: {v}")
 

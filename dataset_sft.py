@@ -133,8 +133,7 @@ def read_samples(path: str):
     if fmt == "txt":
         raise SystemExit(f"{path}: SFT data must be .json, .jsonl or .parquet (alpaca, sharegpt or OpenAI messages)")
     with _open_binary(path) as f:
-        records = {"jsonl": _jsonl_records, "json": lambda p, f: _json_records(p, f, None),
-                   "parquet": _parquet_records}[fmt](path, f)
+        records = {"jsonl": _jsonl_records, "json": _json_records, "parquet": _parquet_records}[fmt](path, f)
         i = 0
         try:
             for lineno, sample in records:
@@ -254,7 +253,8 @@ class SFTDataset(torch.utils.data.IterableDataset):
         token belongs to: model.py attends only within equal doc_ids = reset_mask) and position_ids
         restarting at 0 in each sample (= reset_position_ids), so a packed sample computes exactly
         what it computes alone in a padded row.
-    A sample keeps its trailing EOS, so model.doc_ids_from_eos(input_ids) gives the same doc_ids.
+    A sample keeps its trailing EOS, so model.doc_ids_from_eos(input_ids) gives the same doc_ids
+    (when pad_id != eos_id, as with our tokenizer; the pads then form one last document).
     A sample longer than a row keeps its whole turns from the start; one whose first reply does not
     fit is dropped (counts in .stats). Each epoch is a fresh seeded shuffle; rank r of world_size
     takes rows r, r + world_size, ... (the same number on every rank). state_dict() is the position.
@@ -278,9 +278,11 @@ class SFTDataset(torch.utils.data.IterableDataset):
         self.max_seq_len, self.mode, self.shuffle, self.seed = max_seq_len, mode, shuffle, seed
         self.rank, self.world_size = rank, world_size
 
+        if len(self.ids) and self.ids[-1] != self.eos_id:
+            raise SystemExit(f"{path}: does not end with EOS (id {self.eos_id}); not an SFT token file of dataset_sft.py")
         # samples end at EOS; each keeps n tokens before its EOS, so it takes n + 1 places in a row
         ends = np.flatnonzero(self.ids == self.eos_id)
-        self.starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        self.starts = np.concatenate([[0], ends + 1])[:-1].astype(np.int64)
         self.lens = ends - self.starts
         overlong = np.flatnonzero(self.lens + 1 > max_seq_len)
         for i in overlong:
@@ -289,15 +291,15 @@ class SFTDataset(torch.utils.data.IterableDataset):
         self.stats = {"samples": len(ends), "truncated": int((self.lens[overlong] > 0).sum()),
                       "dropped": len(ends) - len(self.kept)}
         self.epoch, self.rows_seen = 0, 0  # rows_seen: rows of this epoch taken by all ranks together
-        self._rows_cache = (None, None)
+        self._rows_cache = {}  # epoch -> rows, for the last two epochs (a batch may straddle an epoch boundary)
 
     def _rows(self, epoch: int) -> list[np.ndarray]:
         """This rank's rows for `epoch`, each an array of sample indices."""
-        if self._rows_cache[0] == epoch:
-            return self._rows_cache[1]
+        if epoch in self._rows_cache:
+            return self._rows_cache[epoch]
         order = self.kept
         if self.shuffle:
-            order = order[np.random.default_rng(self.seed).permutation(len(order))]
+            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         if self.mode == "padding":
             rows = [order[k: k + 1] for k in range(len(order))]
         else:  # greedy: fill a row with samples in order until the next one does not fit
@@ -312,8 +314,9 @@ class SFTDataset(torch.utils.data.IterableDataset):
                 rows.append(np.array(row))
         # every rank gets the same number of rows, or the ranks' step counts (and all-reduces) diverge
         n = len(rows) // self.world_size * self.world_size
-        self._rows_cache = (epoch, rows[self.rank: n: self.world_size])
-        return self._rows_cache[1]
+        self._rows_cache = {e: r for e, r in self._rows_cache.items() if e == epoch - 1}
+        self._rows_cache[epoch] = rows[self.rank: n: self.world_size]
+        return self._rows_cache[epoch]
 
     def __len__(self):
         """Rows this rank yields in the current epoch."""
@@ -428,19 +431,18 @@ def prepare(files, tokenizer_path, out, val_ratio=0.0, workers=1, skip_bad_sampl
     splits = ["train"] + (["val"] if val_ratio > 0 else [])
     writers = {s: TokenFileWriter(f"{out}_{s}", dt, {**meta, "split": s}, extra={"mask": np.uint8}) for s in splits}
     n_samples = 0
-    bar = tqdm(unit="sample", desc="render", disable=not progress)
     try:
-        for ids, mask, per_sample in imap_ordered(render_chunk, tasks(), workers, init_worker, (tok.path,)):
-            is_val = np.array([is_val_doc(n_samples + i, val_ratio) for i in range(len(per_sample))], bool)
-            n_samples += len(per_sample)
-            token_is_val = np.repeat(is_val, per_sample)
-            writers["train"].write(ids[~token_is_val], n_docs=int((~is_val).sum()), mask=mask[~token_is_val])
-            if "val" in writers:
-                writers["val"].write(ids[token_is_val], n_docs=int(is_val.sum()), mask=mask[token_is_val])
-            for s, sel in (("train", ~token_is_val), ("val", token_is_val)):
-                counts[f"{s}_trained_tokens"] += int(mask[sel].sum())
-            bar.update(len(per_sample))
-        bar.close()
+        with tqdm(unit="sample", desc="render", disable=not progress) as bar:
+            for ids, mask, per_sample in imap_ordered(render_chunk, tasks(), workers, init_worker, (tok.path,)):
+                is_val = np.array([is_val_doc(n_samples + i, val_ratio) for i in range(len(per_sample))], bool)
+                n_samples += len(per_sample)
+                token_is_val = np.repeat(is_val, per_sample)  # spread the per-sample choice over its tokens
+                for split, sel in (("train", ~token_is_val), ("val", token_is_val)):
+                    if split in writers:
+                        writers[split].write(ids[sel], n_docs=int(np.count_nonzero(is_val == (split == "val"))),
+                                             mask=mask[sel])
+                        counts[f"{split}_trained_tokens"] += int(mask[sel].sum())
+                bar.update(len(per_sample))
         if n_samples == 0:
             raise SystemExit(f"{', '.join(files)}: no usable samples (counts: {dict(counts)})")
         for w in writers.values():
@@ -480,6 +482,8 @@ def main():
                    help="skip samples with a missing field, unknown role, turns out of order or an empty reply, "
                         "and report their count, instead of stopping at the first")
     r.add_argument("--chunk_samples", type=int, default=1024, help="samples per worker task")
+    r.add_argument("--max_seq_len", type=int, default=None,
+                   help="also report how many samples a training row of this length would truncate or drop")
     args = p.parse_args()
     if args.command == "chatterbot":
         stats = convert_chatterbot(args.out, args.languages, args.corpus_dir)
@@ -487,6 +491,10 @@ def main():
     else:
         stats = prepare(args.data, args.tokenizer, args.out, args.val_ratio, args.workers, args.skip_bad_samples,
                         args.chunk_samples)
+        for split in ("train", "val") if args.max_seq_len else ():
+            if f"{split}_file" in stats:
+                fit = SFTDataset(stats[f"{split}_file"], args.max_seq_len, shuffle=False).stats
+                stats.update({f"{split}_truncated": fit["truncated"], f"{split}_dropped": fit["dropped"]})
     for k, v in stats.items():
         print(f"{k}: {v}")
 

@@ -153,13 +153,53 @@ def merge_adapter(base_folder, adapter_dir, out, tokenizer_path, **base_kwargs):
     return merged
 
 
+def s2_attention(q, k, v, impl, mask=None, dropout_p=0.0, group_size=None):
+    """LongLoRA's shifted sparse attention (S2-Attn), for training only. q: (B, H, T, D); k, v: (B, Hkv, T, D).
+
+    Tokens are cut into groups of G and attention is causal within a group: cost T*G instead of T^2/2.
+    The second half of the heads uses groups shifted by G/2 (a half group at each end), so each of its
+    groups straddles two plain groups and information crosses group borders from layer to layer:
+        plain heads:   group(p) = p // G          shifted heads: group(p) = (p + G/2) // G
+    Shifting = rolling the sequence by -G/2; the last rolled group then holds the last G/2 tokens followed
+    by the first G/2 (wrapped around): a mask keeps those two halves apart, so no token sees its future.
+    """
+    if mask is not None:
+        raise ValueError("S2-Attn: rows must be plain causal sequences (--sft_mode padding)")
+    from model import attention, repeat_kv
+    B, H, T, D = q.shape
+    G = group_size
+    if T % G or G % 2:
+        raise ValueError(f"S2-Attn: sequence length {T} must be a multiple of the (even) group size {G}")
+    if k.shape[1] % 2:  # an odd number of kv heads cannot be split in halves with the query heads: expand
+        k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // k.shape[1])
+    h, hk, n = H // 2, k.shape[1] // 2, T // G
+
+    def to_groups(x):  # (B, heads, T, D) -> (B * n, heads, G, D): every group is a sequence of its own
+        return x.unflatten(2, (n, G)).transpose(1, 2).flatten(0, 1)
+
+    def from_groups(y):
+        return y.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)
+
+    plain = from_groups(attention(*(to_groups(x) for x in (q[:, :h], k[:, :hk], v[:, :hk])), impl, None, dropout_p))
+    # shifted half: causal within each rolled group, and in the last one the wrapped-around start
+    # (the second G/2 slots) never attends to the sequence's end (the first G/2 slots)
+    causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
+    half = torch.arange(G, device=q.device) < G // 2
+    last = causal & (half[:, None] == half[None, :])
+    group_mask = torch.stack([causal] * (n - 1) + [last]).repeat(B, 1, 1)[:, None]  # (B * n, 1, G, G)
+    rolled = (to_groups(x.roll(-(G // 2), dims=2)) for x in (q[:, h:], k[:, hk:], v[:, hk:]))
+    shifted = from_groups(attention(*rolled, "eager" if impl == "eager" else "sdpa", group_mask, dropout_p))
+    return torch.cat([plain, shifted.roll(G // 2, dims=2)], dim=1)
+
+
 def enable_s2_attn(model, group_size):
-    """LongLoRA's shifted sparse attention in every layer (training only; eval / generation stay full)."""
-    attns = [m for m in model.modules() if hasattr(m, "s2_group_size")]
+    """S2-Attn in every layer while training (model.train()); eval and generation keep full attention."""
+    import functools
+    attns = [m for m in model.modules() if hasattr(m, "train_attn_fn")]
     if not attns:
-        raise SystemExit("--s2_attn: model.py's attention has no `s2_group_size` switch")
+        raise SystemExit("--s2_attn: model.py's Attention has no `train_attn_fn` hook")
     for m in attns:
-        m.s2_group_size = group_size
+        m.train_attn_fn = functools.partial(s2_attention, group_size=group_size)
 
 
 # ----------------------------------------------------------------------------- main
@@ -214,6 +254,28 @@ def check_args(args):
         raise SystemExit(f"--rope_scaling {args.rope_scaling!r}: expected a JSON object")
 
 
+def build_model(args, device):
+    """The base (with --max_seq_len / --rope_scaling / --s2_attn) and, with --lora, the PeftModel around it
+    (None otherwise). The model to train is the first: the LoRA layers sit inside it."""
+    try:
+        model = load_base(args.init_from, args.max_seq_len, args.rope_scaling, args.attn_impl)
+    except ValueError as e:
+        raise SystemExit(f"--rope_scaling / --max_seq_len: {e}")
+    T = model.args.max_seq_len
+    if args.s2_attn:
+        if T % 4:
+            raise SystemExit(f"--s2_attn: --max_seq_len {T} must be divisible by 4 (group size max_seq_len/4)")
+        enable_s2_attn(model, T // 4)
+    if not args.lora:
+        return model, None
+    dtype = resolve_dtype(args, device)
+    if dtype != "float32" and not args.use_deepspeed:
+        # the frozen base needs no fp32 master copy: keep it in the training dtype (half the memory);
+        # peft keeps the adapter itself in fp32 and autocast mixes the two
+        model.to(getattr(torch, dtype))
+    return model, add_lora(model, args.init_from, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
@@ -221,30 +283,15 @@ def main(argv=None):
     dist = setup_distributed(args)
     seed_everything(args.seed)
     tokenizer = Tokenizer(args.tokenizer or args.init_from)
-    base_kwargs = dict(max_seq_len=args.max_seq_len, rope_scaling=args.rope_scaling, attn_impl=args.attn_impl)
-    try:
-        model = load_base(args.init_from, **base_kwargs)
-    except ValueError as e:
-        raise SystemExit(f"--rope_scaling / --max_seq_len: {e}")
+    model, peft_model = build_model(args, dist.device)
     T = model.args.max_seq_len
     if tokenizer.vocab_size > model.args.vocab_size:
         raise SystemExit(f"--tokenizer {tokenizer.path}: vocab_size {tokenizer.vocab_size} exceeds the model's "
                          f"{model.args.vocab_size}")
-    if args.s2_attn:
-        if T % 4:
-            raise SystemExit(f"--s2_attn: --max_seq_len {T} must be divisible by 4 (group size max_seq_len/4)")
-        enable_s2_attn(model, T // 4)
-
-    save_model = load_model = None
-    if args.lora:
-        dtype = resolve_dtype(args, dist.device)
-        if dtype != "float32" and not args.use_deepspeed:
-            # the frozen base needs no fp32 master copy: keep it in the training dtype (half the memory);
-            # peft keeps the adapter itself in fp32 and autocast mixes the two
-            model.to(getattr(torch, dtype))
-        peft_model = add_lora(model, args.init_from, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        save_model = lambda m, folder, tok: save_adapter(peft_model, folder)  # noqa: E731
-        load_model = lambda m, folder: load_adapter(peft_model, folder)  # noqa: E731
+    kw = {}
+    if peft_model is not None:  # checkpoints hold the adapter only
+        kw = {"save_model": lambda m, folder, tok: save_adapter(peft_model, folder),
+              "load_model": lambda m, folder: load_adapter(peft_model, folder)}
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"base: {args.init_from}\nmax_seq_len: {T}\nrope_scaling: {json.dumps(model.args.rope_scaling)}\n"
            f"trainable_params: {n_train}\nall_params: {model.num_params()}")
@@ -256,12 +303,12 @@ def main(argv=None):
                           **data) if args.val_data else None
     print0(f"train_samples: {train_data.ds.stats['samples']}\ntrain_rows_per_epoch: {len(train_data.ds)}")
 
-    kw = {"save_model": save_model, "load_model": load_model} if args.lora else {}
     tokenizer_path = args.tokenizer or args.init_from  # a folder: all its tokenizer files are copied
     result = train(args, model, train_data, val_data, tokenizer_path=tokenizer_path, **kw)
     if args.lora and args.merge and dist.is_main:
         merge_dir = args.merge_dir or os.path.join(args.out_dir, "merged")
-        merge_adapter(args.init_from, args.out_dir, merge_dir, tokenizer_path, **base_kwargs)
+        merge_adapter(args.init_from, args.out_dir, merge_dir, tokenizer_path, max_seq_len=args.max_seq_len,
+                      rope_scaling=args.rope_scaling, attn_impl=args.attn_impl)
         result["merged"] = merge_dir
     for k, v in result.items():
         print0(f"{k}: {v}")

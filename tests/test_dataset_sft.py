@@ -308,12 +308,16 @@ def test_dataloader_batches(tok_path, tmp_path):
 # ---------------------------------------------------------------------------------------------- chatterbot
 
 
-def test_chatterbot_conversion_and_prepare(tok_path, tmp_path):
+def run_cli(monkeypatch, capsys, *argv) -> dict:
+    """dataset_sft.py's command line, in this process (a subprocess would pay the torch import again)."""
+    monkeypatch.setattr(sys, "argv", ["dataset_sft.py", *argv])
+    dataset_sft.main()
+    return dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+
+
+def test_chatterbot_conversion_and_prepare(tok_path, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "chat.jsonl")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "dataset_sft.py"), "chatterbot", "--out", out],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    printed = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines())
+    printed = run_cli(monkeypatch, capsys, "chatterbot", "--out", out)
 
     # read the installed yml files independently: every list of >= 2 lines is a dialogue, its lines alternate
     # user / assistant and an unanswered last line is dropped
@@ -331,16 +335,23 @@ def test_chatterbot_conversion_and_prepare(tok_path, tmp_path):
 
     # the whole default data through prepare: --workers 2 writes the same bytes as one worker
     prepare([out], tok_path, str(tmp_path / "w1"), val_ratio=0.1, workers=1, progress=False)
-    r = subprocess.run([sys.executable, os.path.join(REPO, "dataset_sft.py"), "prepare", "--data", out, "--tokenizer",
-                        tok_path, "--out", str(tmp_path / "w2"), "--val_ratio", "0.1", "--workers", "2"],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    printed = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines())
+    printed = run_cli(monkeypatch, capsys, "prepare", "--data", out, "--tokenizer", tok_path, "--out",
+                      str(tmp_path / "w2"), "--val_ratio", "0.1", "--workers", "2", "--max_seq_len", "32")
     assert int(printed["train_samples"]) + int(printed["val_samples"]) == len(got)
-    assert int(printed["val_samples"]) == round(0.1 * len(got))
+    assert int(printed["val_samples"]) == len(got) // 10  # exactly floor(n * val_ratio), evenly spread
     for name in ("train.bin", "train_mask.bin", "val.bin", "val_mask.bin"):
         assert (tmp_path / f"w1_{name}").read_bytes() == (tmp_path / f"w2_{name}").read_bytes()
     meta = json.loads((tmp_path / "w2_train.json").read_text())
     assert meta["arrays"]["mask"]["dtype"] == "uint8" and meta["n_docs"] == int(printed["train_samples"])
     mask = np.fromfile(tmp_path / "w2_train_mask.bin", np.uint8)
     assert int(mask.sum()) == int(printed["train_trained_tokens"]) and 0 < mask.mean() < 1
+    # --max_seq_len reports what a row that short does to the samples, as the training dataset counts it
+    fit = SFTDataset(str(tmp_path / "w1_val.bin"), 32, shuffle=False).stats
+    assert (int(printed["val_truncated"]), int(printed["val_dropped"])) == (fit["truncated"], fit["dropped"])
+    assert fit["truncated"] > 0 and fit["dropped"] > 0
+
+
+def test_help():
+    r = subprocess.run([sys.executable, os.path.join(REPO, "dataset_sft.py"), "prepare", "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--skip_bad_samples" in r.stdout

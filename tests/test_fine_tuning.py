@@ -15,6 +15,16 @@ STEPS = ["--batch_size", "4", "--grad_accum", "1", "--warmup_steps", "0", "--log
          "--eval_iters", "2", "--tensorboard", "False", "--device", "cpu", "--dtype", "float32"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are far too small to split across threads; on a busy machine the thread
+    hand-offs cost more than the math (one step: ~1.5 s on 2 threads vs ~0.1 s on 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """chatterbot dialogues (the default SFT data) -> tiny sentencepiece -> SFT files; a tiny random base."""
@@ -92,8 +102,7 @@ def build(env, out, *extra):
     """What fine_tuning.main builds, kept in hand: args, LoRA model, data."""
     args = fine_tuning.get_parser().parse_args(
         ["--init_from", env["base"], "--train_data", env["train"], "--out_dir", str(out), *STEPS, *extra])
-    model = Transformer.from_pretrained(env["base"])
-    peft_model = fine_tuning.add_lora(model, env["base"], args.lora_r, args.lora_alpha, args.lora_dropout)
+    model, peft_model = fine_tuning.build_model(args, torch.device("cpu"))
     data = fine_tuning.SFTBatches(env["train"], 64, "packing", args.batch_size * args.grad_accum, args.seed,
                                   env["tok"].vocab_size, env["tok"].file_hash)
     return args, model, peft_model, data
@@ -208,7 +217,7 @@ def base_val_loss(env, rows):
 
 
 def test_sft_lowers_validation_loss(env, tmp_path):
-    result = run(env, tmp_path / "full", "--max_steps", "40", "--lr", "3e-3", "--eval_interval", "0",
+    result = run(env, tmp_path / "full", "--max_steps", "30", "--lr", "5e-3", "--eval_interval", "0",
                  "--save_interval", "0")
     before = base_val_loss(env, 2 * 4)  # eval_iters * batch_size rows of the val data, as the trainer evaluates
     assert result["val_loss"] < before - 0.5, (before, result["val_loss"])
@@ -218,7 +227,9 @@ def test_sft_lowers_validation_loss(env, tmp_path):
 
 def test_lora_resume_is_exact(env, tmp_path):
     from safetensors.torch import load_file
-    lora = ["--lora", "True", "--lora_r", "4", "--lr", "1e-2", "--save_interval", "2", "--eval_interval", "0"]
+    # a fixed schedule (decay over 4 steps), so stopping at 2 and resuming is the same run as 4 in one go
+    lora = ["--lora", "True", "--lora_r", "4", "--lr", "1e-2", "--lr_decay_steps", "4", "--save_interval", "2",
+            "--eval_interval", "0"]
     run(env, tmp_path / "a", *lora, "--max_steps", "4")
     run(env, tmp_path / "b", *lora, "--max_steps", "2")
     run(env, tmp_path / "b", *lora, "--max_steps", "4", "--resume", "True")
@@ -227,3 +238,47 @@ def test_lora_resume_is_exact(env, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_s2_attention_matches_masked_reference(n_kv_heads, impl):
+    """S2-Attn (rolled groups) == full attention under the LongLoRA mask written out per position:
+    plain heads see their group p // G, shifted heads the group (p + G/2) // G, both causal."""
+    torch.manual_seed(0)
+    B, H, T, D, G = 2, 4, 32, 8, 8
+    q = torch.randn(B, H, T, D)
+    k, v = torch.randn(B, n_kv_heads, T, D), torch.randn(B, n_kv_heads, T, D)
+    y = fine_tuning.s2_attention(q, k, v, impl, group_size=G)
+    p = torch.arange(T)
+    causal = p[:, None] >= p[None, :]
+    masks = [causal & ((p[:, None] + off) // G == (p[None, :] + off) // G) for off in (0, G // 2)]
+    kr, vr = (x.repeat_interleave(H // n_kv_heads, dim=1) for x in (k, v))
+    scores = q @ kr.transpose(-1, -2) / D ** 0.5
+    head_mask = torch.stack([masks[h >= H // 2] for h in range(H)])  # (H, T, T)
+    ref = scores.masked_fill(~head_mask, float("-inf")).softmax(-1) @ vr
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # and it is not plain causal attention (the test can fail)
+    full = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vr
+    assert not torch.allclose(y, full, atol=1e-3)
+
+
+def test_long_context_yarn_and_s2_attn(env, tmp_path):
+    """2x the trained length with YaRN keeps the base's length as YaRN's L0; S2-Attn changes training
+    forwards only, and a LoRA run with both trains end to end."""
+    model = fine_tuning.load_base(env["base"], 128, {"rope_type": "yarn", "factor": 2}, "eager")
+    assert model.args.max_seq_len == 128 and model.args.rope_scaling["original_max_position_embeddings"] == 64
+    if not any(hasattr(m, "train_attn_fn") for m in model.modules()):
+        pytest.skip("model.py's Attention has no train_attn_fn hook yet")
+    x = torch.randint(0, env["tok"].vocab_size, (2, 128))
+    with torch.no_grad():
+        plain_eval, plain_train = model.eval()(x), model.train()(x)
+        fine_tuning.enable_s2_attn(model, 32)
+        torch.testing.assert_close(model.eval()(x), plain_eval)
+        assert not torch.allclose(model.train()(x), plain_train, atol=1e-4)
+    result = run(env, tmp_path / "long", "--lora", "True", "--max_steps", "2", "--max_seq_len", "128",
+                 "--rope_scaling", '{"rope_type": "yarn", "factor": 2}', "--s2_attn", "True",
+                 "--sft_mode", "padding", "--eval_interval", "0", "--merge", "True")
+    assert result["step"] == 2
+    merged = json.load(open(tmp_path / "long" / "merged" / "config.json"))
+    assert merged["max_position_embeddings"] == 128 and merged["rope_scaling"]["rope_type"] == "yarn"

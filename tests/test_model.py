@@ -1,7 +1,6 @@
 """model.py is the same model as transformers' LlamaForCausalLM / GPTNeoXForCausalLM, and its backends,
 cache and packing agree with the eager reference. Tiny random configs, fp32, CPU."""
 import json
-import math
 
 import pytest
 import torch

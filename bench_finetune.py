@@ -1,0 +1,184 @@
+"""Fine-tuning on one GPU at the 1.1B (TinyLlama) shape: full fine-tuning vs LoRA r=8, ours (fine_tuning.py
+on trainer.py) beside transformers + peft; then long context at 2x the trained length with YaRN, plain
+attention vs LongLoRA's S2-Attn. Peak memory and tokens/s per run (or OOM), as `name: value` lines.
+
+    python bench_finetune.py                       # the lead's H100 run
+    python bench_finetune.py --preset tiny --device cpu --steps 2 --warmup 1    # smoke test
+
+Weights are random (no download): speed and memory do not depend on their values. Each run takes
+--warmup steps, then times --steps optimizer steps of batch_size rows x seq_len tokens (bf16 autocast,
+AdamW); SFT-like rows: the first half of each row is prompt (-100), the second half is trained on.
+"""
+import argparse
+import gc
+import os
+import tempfile
+import time
+
+import torch
+
+import fine_tuning
+import trainer
+from model import ModelArgs, Transformer
+
+
+class RandomSFT:
+    """trainer.py's data contract with random tokens: row r of step s seeded by (s, r); prompt half masked."""
+
+    def __init__(self, vocab_size, seq_len):
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+
+    def get_batch(self, step, rows):
+        ids = torch.stack([torch.randint(0, self.vocab_size, (self.seq_len + 1,),
+                                         generator=torch.Generator().manual_seed(step * 100003 + r)) for r in rows])
+        targets = ids[:, 1:].clone()
+        targets[:, : self.seq_len // 2] = -100
+        return {"input_ids": ids[:, :-1], "targets": targets}
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(a, base, name, seq_len, extra):
+    """fine_tuning.build_model + trainer.Trainer.train_step: exactly what fine_tuning.py runs."""
+    device = torch.device(a.device)
+    free(device)
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--init_from", base, "--train_data", "unused", "--out_dir", out, "--batch_size", str(a.batch_size),
+                "--device", a.device, "--dtype", a.dtype, "--tensorboard", "False", "--lr", "1e-5",
+                "--gradient_checkpointing", str(a.gradient_checkpointing), "--max_seq_len", str(seq_len), *extra]
+        args = fine_tuning.get_parser().parse_args(argv)
+        fine_tuning.check_args(args)
+        try:
+            model, _ = fine_tuning.build_model(args, device)
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            t = trainer.Trainer(args, model, RandomSFT(model.args.vocab_size, seq_len))
+            for _ in range(a.warmup):
+                t.train_step()
+            sync(device)
+            t0 = time.time()
+            for _ in range(a.steps):
+                t.train_step()
+            sync(device)
+            dt = time.time() - t0
+        except torch.OutOfMemoryError:
+            print(f"{name}_tokens_per_s: OOM")
+            print(f"{name}_peak_mem_gib: OOM")
+            return
+        finally:
+            model = t = None  # noqa: F841 (release before the next run)
+    print(f"{name}_trainable_params: {n_train}")
+    print(f"{name}_tokens_per_s: {a.steps * a.batch_size * seq_len / dt:.0f}")
+    print(f"{name}_peak_mem_gib: {peak_gib(device):.2f}")
+
+
+def run_hf(a, base, name, seq_len, lora):
+    """The usual alternative: transformers' LlamaForCausalLM (sdpa) + peft get_peft_model, a plain loop."""
+    from transformers import AutoModelForCausalLM
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    free(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype if lora else torch.float32,
+                                                     attn_implementation="sdpa").to(device)
+        if a.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                                     target_modules=fine_tuning.DEFAULT_TARGETS["llama"].split(",")))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+        data = RandomSFT(model.config.vocab_size, seq_len)
+        amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        def step(s):
+            batch = data.get_batch(s, range(a.batch_size))
+            # HF shifts labels itself: labels[t] is the token at t, our targets[t] the token at t + 1
+            labels = torch.cat([torch.full_like(batch["targets"][:, :1], -100), batch["targets"]], 1)[:, :-1]
+            with amp:
+                loss = model(input_ids=batch["input_ids"].to(device), labels=labels.to(device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for s in range(a.warmup):
+            step(s)
+        sync(device)
+        t0 = time.time()
+        for s in range(a.steps):
+            step(a.warmup + s)
+        sync(device)
+        dt = time.time() - t0
+    except torch.OutOfMemoryError:
+        print(f"{name}_tokens_per_s: OOM")
+        print(f"{name}_peak_mem_gib: OOM")
+        return
+    finally:
+        model = opt = None  # noqa: F841
+    print(f"{name}_tokens_per_s: {a.steps * a.batch_size * seq_len / dt:.0f}")
+    print(f"{name}_peak_mem_gib: {peak_gib(device):.2f}")
+
+
+def bench_finetune(a):
+    device = torch.device(a.device)
+    trainer.setup_distributed(argparse.Namespace(device=a.device, local_rank=-1, use_deepspeed=False))
+    torch.manual_seed(0)
+    margs = ModelArgs.preset(a.preset)
+    T = margs.max_seq_len
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    print(f"preset: {a.preset}")
+    print(f"batch_size: {a.batch_size}\ntrained_seq_len: {T}\ngradient_checkpointing: {a.gradient_checkpointing}")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base")
+        model = Transformer(margs)
+        print(f"model_params: {model.num_params()}")
+        model.save_pretrained(base)
+        del model
+        lora = ["--lora", "True", "--lora_r", "8", "--lora_alpha", "16"]
+        run_ours(a, base, "full_ours", T, [])
+        run_ours(a, base, "lora_r8_ours", T, lora)
+        if a.hf:
+            run_hf(a, base, "full_hf", T, lora=False)
+            run_hf(a, base, "lora_r8_hf", T, lora=True)
+        # long context: 2x the trained length, YaRN factor 2, LoRA; plain attention vs S2-Attn
+        L = 2 * T
+        print(f"long_seq_len: {L}")
+        yarn = ["--rope_scaling", '{"rope_type": "yarn", "factor": 2}']
+        run_ours(a, base, "long_plain_lora", L, lora + yarn)
+        probe = Transformer(ModelArgs.preset("tiny"))
+        if any(hasattr(m, "train_attn_fn") for m in probe.modules()):
+            run_ours(a, base, "long_s2attn_lora", L, lora + yarn + ["--s2_attn", "True", "--sft_mode", "padding"])
+        else:
+            print("long_s2attn_lora: unavailable (model.py Attention has no train_attn_fn hook)")
+
+
+def add_args(p):
+    p.add_argument("--preset", default="1.1b", help="model.py preset to fine-tune (random weights)")
+    p.add_argument("--batch_size", type=int, default=4, help="rows per step")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="training precision")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    p.add_argument("--gradient_checkpointing", type=trainer.str2bool, default=False,
+                   help="recompute activations in backward (both ours and HF)")
+    p.add_argument("--hf", type=trainer.str2bool, default=True, help="also run transformers + peft side by side")
+    return p
+
+
+if __name__ == "__main__":
+    bench_finetune(add_args(argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])).parse_args())
