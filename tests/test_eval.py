@@ -321,7 +321,8 @@ def test_chat_prompt_is_render_chat(ckpt, monkeypatch):
 
 @pytest.mark.gpu
 def test_compiled_decode_matches_eager_on_gpu(ckpt):
-    model = Transformer.from_pretrained(ckpt["folder"], dtype=torch.bfloat16).cuda().eval()
+    # fp32: in bf16 the fused kernels round differently and a random model's near-ties flip greedy picks
+    model = Transformer.from_pretrained(ckpt["folder"]).cuda().eval()
     cfg = ev.GenerationConfig(max_new_tokens=32, stop_ids=[])
     eager = ev.generate(ev.Decoder(model), PROMPTS, cfg, PAD)
     dec = ev.Decoder(model, compile=True)

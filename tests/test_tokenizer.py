@@ -62,6 +62,7 @@ def test_transformers_loads_with_same_ids(trained, tmp_path):
 
     path, docs = trained
     folder = os.path.dirname(path)
+    assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenizer.model", "tokenizer.vocab", "tokenizer_config.json"]
     sp = spm.SentencePieceProcessor(model_file=path)
     hf_toks = [AutoTokenizer.from_pretrained(folder), LlamaTokenizer.from_pretrained(folder)]
     for hf in hf_toks:
@@ -84,9 +85,15 @@ def test_transformers_loads_with_same_ids(trained, tmp_path):
 
 
 def test_unigram_option(tmp_path):
-    docs = corpus_docs(150, 0)
-    (tmp_path / "c.txt").write_text("\n".join(docs), encoding="utf-8")
-    path = train_tokenizer([str(tmp_path / "c.txt")], str(tmp_path / "uni"), vocab_size=2400, model_type="unigram")
+    import gzip
+    import json
+
+    docs = corpus_docs(150, 0)  # read through data_process's readers: JSON lines, gzip, a named field
+    lines = "".join(json.dumps({"content": d}, ensure_ascii=False) + "\n" for d in docs)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    path = train_tokenizer([str(tmp_path / "c.jsonl.gz")], str(tmp_path / "uni"), vocab_size=2400,
+                           model_type="unigram", text_field=["content"], input_sentence_size=1000)
+    assert not os.path.exists(tmp_path / "uni" / "tokenizer.json")  # transformers' Llama tokenizer is BPE only
     sp = spm.SentencePieceProcessor(model_file=path)
     tok = Tokenizer(str(tmp_path / "uni"))
     assert sp.get_piece_size() == tok.vocab_size == 2400 and (tok.bos_id, tok.eos_id) == (2, 3)
