@@ -74,12 +74,11 @@ def run_ours(a, base, name, seq_len, extra):
                 t.train_step()
             sync(device)
             dt = time.time() - t0
+            t.logger.close()
         except torch.OutOfMemoryError:
             print(f"{name}_tokens_per_s: OOM")
             print(f"{name}_peak_mem_gib: OOM")
             return
-        finally:
-            model = t = None  # noqa: F841 (release before the next run)
     print(f"{name}_trainable_params: {n_train}")
     print(f"{name}_tokens_per_s: {a.steps * a.batch_size * seq_len / dt:.0f}")
     print(f"{name}_peak_mem_gib: {peak_gib(device):.2f}")
@@ -128,8 +127,6 @@ def run_hf(a, base, name, seq_len, lora):
         print(f"{name}_tokens_per_s: OOM")
         print(f"{name}_peak_mem_gib: OOM")
         return
-    finally:
-        model = opt = None  # noqa: F841
     print(f"{name}_tokens_per_s: {a.steps * a.batch_size * seq_len / dt:.0f}")
     print(f"{name}_peak_mem_gib: {peak_gib(device):.2f}")
 

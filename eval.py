@@ -211,6 +211,10 @@ class Decoder:
     def __init__(self, model, compile=False, bucket=256):
         self.model, self.bucket = model, bucket
         self.compiled = compile and next(model.parameters()).is_cuda
+        if self.compiled:
+            # as gpt-fast: tune the block sizes of inductor's kernels, most of which read a weight matrix
+            # once for a single token (memory-bound); measured ~1.8x faster decode on an H100 (350m preset)
+            torch._inductor.config.coordinate_descent_tuning = True
         self._compiled_step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
                                if self.compiled else None)
         self.cache = None

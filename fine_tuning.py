@@ -173,6 +173,8 @@ def s2_attention(q, k, v, impl, mask=None, dropout_p=0.0, group_size=None):
     if k.shape[1] % 2:  # an odd number of kv heads cannot be split in halves with the query heads: expand
         k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // k.shape[1])
     h, hk, n = H // 2, k.shape[1] // 2, T // G
+    if impl == "flex":  # flex takes its causal mask as a BlockMask (None = no mask); sdpa's None is causal
+        impl = "sdpa"
 
     def to_groups(x):  # (B, heads, T, D) -> (B * n, heads, G, D): every group is a sequence of its own
         return x.unflatten(2, (n, G)).transpose(1, 2).flatten(0, 1)

@@ -682,9 +682,12 @@ class Transformer(nn.Module):
         _atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
         _atomic(os.path.join(folder, "config.json"), lambda p: _write_json(config, p))
         if tokenizer_path:
-            files = ([os.path.join(tokenizer_path, f) for f in TOKENIZER_FILES
-                      if os.path.exists(os.path.join(tokenizer_path, f))]
-                     if os.path.isdir(tokenizer_path) else [tokenizer_path])
+            # a tokenizer file comes with its siblings: transformers needs tokenizer.json and its config
+            # to keep the chat-role tokens whole (rebuilt from tokenizer.model alone, it splits them)
+            src = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
+            files = {os.path.join(src, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(src, f))}
+            if not os.path.isdir(tokenizer_path):
+                files.add(tokenizer_path)
             for f in files:
                 dst = os.path.join(folder, os.path.basename(f))
                 if os.path.abspath(f) != os.path.abspath(dst):

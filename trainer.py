@@ -30,9 +30,10 @@ Checkpoints (out_dir/step_00001000/):
              numpy / torch / cuda RNG of each rank), deepspeed/ (DeepSpeed's sharded checkpoint)
 Written to step_N.tmp/ and renamed when complete; the last --keep_last are kept. At the end the final
 model is also written to out_dir itself, so out_dir is a checkpoint folder too.
-A DeepSpeed run resumes on another GPU count with ZeRO-1/2 (the configs set "elastic_checkpoint");
-ZeRO-3 needs the same count (or convert with deepspeed.checkpoint.ds_to_universal). A DDP run
-resumes on any count (the full optimizer state is saved).
+A DDP run resumes exactly on any GPU count (the full optimizer state is saved, the data order depends
+only on the step). A DeepSpeed run resumes exactly on the same count; on another count DeepSpeed
+cannot re-partition its ZeRO optimizer state, so the weights are restored and Adam's moments restart
+(printed as a warning). state/meta.json holds step, tokens seen, world size and the args.
 SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, and the process exits with
 128 + signal number (143 / 130), so a job script can tell preemption from a finished run (exit 0).
 """
@@ -46,6 +47,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -155,11 +157,17 @@ def setup_distributed(args):
     if world > 1 or args.use_deepspeed:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if args.use_deepspeed:
-            # plain `python pretrain.py --use_deepspeed True`: a one-process group on loopback
-            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-                os.environ.setdefault(k, v)
+            if "MASTER_PORT" not in os.environ:  # plain `python pretrain.py --use_deepspeed True`
+                with socket.socket() as sock:     # a one-process group on a free loopback port
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port))
             import deepspeed
+            if device.type == "cpu":
+                # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start-up (minutes on
+                # a small machine, and again whenever the compiler setup changes); gloo is enough on CPU
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             deepspeed.init_distributed(dist_backend=backend)
         else:
             tdist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
@@ -539,15 +547,18 @@ class Trainer:
             shutil.rmtree(final, ignore_errors=True)
             os.makedirs(os.path.join(tmp, "state"))
         barrier()
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                 "rows_per_step": self.rows_per_step, "world_size": d.world_size, "args": vars(args)}
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "rows_per_step": self.rows_per_step, "world_size": d.world_size, "args": vars(args)}
         self.save_model(os.path.join(tmp, "model"))
         if self.engine is not None:
-            self.engine.save_checkpoint(os.path.join(tmp, "state", "deepspeed"), tag="ds", client_state=state)
+            self.engine.save_checkpoint(os.path.join(tmp, "state", "deepspeed"), tag="ds")
         elif d.is_main:
-            state["optimizer"] = self.optimizer.state_dict()
-            state["scaler"] = self.scaler.state_dict() if self.scaler else None
-            torch.save(state, os.path.join(tmp, "state", "trainer.pt"))
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None},
+                       os.path.join(tmp, "state", "trainer.pt"))
+        if d.is_main:
+            with open(os.path.join(tmp, "state", "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1, default=str)
         torch.save(rng_state(), os.path.join(tmp, "state", f"rng_rank{d.rank}.pt"))
         barrier()
         if d.is_main:
@@ -571,18 +582,26 @@ class Trainer:
     def load_state(self, ckpt):
         d = self.dist
         state_dir = os.path.join(ckpt, "state")
+        with open(os.path.join(state_dir, "meta.json")) as f:
+            state = json.load(f)
         if self.engine is not None:
-            path, state = self.engine.load_checkpoint(os.path.join(state_dir, "deepspeed"), tag="ds",
-                                                      load_lr_scheduler_states=False)
+            # DeepSpeed reloads its partitioned optimizer state only on the same number of ranks; on
+            # another count it takes the weights and restarts Adam's moments (a short loss bump)
+            same_world = state["world_size"] == d.world_size
+            if not same_world:
+                print0(f"resume: DeepSpeed checkpoint from {state['world_size']} ranks, now {d.world_size}: "
+                       "weights restored, optimizer state reset (DeepSpeed cannot re-partition it)")
+            path, _ = self.engine.load_checkpoint(os.path.join(state_dir, "deepspeed"), tag="ds",
+                                                  load_optimizer_states=same_world, load_lr_scheduler_states=False,
+                                                  load_module_only=not same_world)
             if path is None:
                 raise SystemExit(f"--resume: {state_dir}/deepspeed holds no DeepSpeed checkpoint")
         else:
-            state = torch.load(os.path.join(state_dir, "trainer.pt"), map_location="cpu", weights_only=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.skipped_steps = state["skipped_steps"]
+            opt_state = torch.load(os.path.join(state_dir, "trainer.pt"), map_location="cpu", weights_only=False)
+            self.optimizer.load_state_dict(opt_state["optimizer"])
+            if self.scaler is not None and opt_state.get("scaler"):
+                self.scaler.load_state_dict(opt_state["scaler"])
+        self.step, self.tokens_seen, self.skipped_steps = state["step"], state["tokens_seen"], state["skipped_steps"]
         if state["rows_per_step"] != self.rows_per_step:
             print0(f"resume: global batch changed from {state['rows_per_step']} to {self.rows_per_step} rows; "
                    "training continues but does not replay the original data order")

@@ -241,7 +241,7 @@ def test_lora_resume_is_exact(env, tmp_path):
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "flex"])
 def test_s2_attention_matches_masked_reference(n_kv_heads, impl):
     """S2-Attn (rolled groups) == full attention under the LongLoRA mask written out per position:
     plain heads see their group p // G, shifted heads the group (p + G/2) // G, both causal."""

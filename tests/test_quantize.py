@@ -146,9 +146,14 @@ def cli(d, out, *extra):
 def test_model_ppl_gptq_vs_rtn_and_gptqmodel_loads_it(trained):
     model, d = trained
     gptq = cli(d, "gptq")
-    rtn = cli(d, "rtn", "--method", "rtn")
     assert gptq["ppl_quant"] < 1.05 * gptq["ppl_fp"], gptq
-    assert gptq["ppl_quant"] < rtn["ppl_quant"], (gptq, rtn)
+    # This briefly trained model is so smooth that quantization noise can even *lower* its perplexity (RTN:
+    # fp 4.412 -> 4.408 at 4 bits, 4.404 at 3 bits), so "below RTN" is noise here. What GPTQ must show is
+    # fidelity: at 3 bits its perplexity stays closer to fp32 than RTN's (seen: |0.0005| vs |0.0074|).
+    gptq3 = cli(d, "gptq3", "--bits", "3")
+    rtn3 = cli(d, "rtn3", "--bits", "3", "--method", "rtn")
+    assert abs(gptq3["ppl_quant"] - gptq3["ppl_fp"]) < abs(rtn3["ppl_quant"] - rtn3["ppl_fp"]), (gptq3, rtn3)
+    assert gptq3["mean_rel_err"] < rtn3["mean_rel_err"]
     assert gptq["size_mb_quant"] < 0.6 * gptq["size_mb_fp"]
     # asymmetric + act-order exercises the zero-point storage and a non-monotone g_idx
     asym = cli(d, "gptq_asym", "--no-sym", "--desc_act")
