@@ -293,7 +293,7 @@ class SFTDataset(torch.utils.data.IterableDataset):
         self.epoch, self.rows_seen = 0, 0  # rows_seen: rows of this epoch taken by all ranks together
         self._rows_cache = {}  # epoch -> rows, for the last two epochs (a batch may straddle an epoch boundary)
 
-    def _rows(self, epoch: int) -> list[np.ndarray]:
+    def epoch_rows(self, epoch: int) -> list[np.ndarray]:
         """This rank's rows for `epoch`, each an array of sample indices."""
         if epoch in self._rows_cache:
             return self._rows_cache[epoch]
@@ -320,7 +320,7 @@ class SFTDataset(torch.utils.data.IterableDataset):
 
     def __len__(self):
         """Rows this rank yields in the current epoch."""
-        return len(self._rows(self.epoch))
+        return len(self.epoch_rows(self.epoch))
 
     def make_row(self, samples) -> dict:
         """Splice samples (indices) into one row of max_seq_len tokens with next-token targets."""
@@ -350,7 +350,7 @@ class SFTDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         if torch.utils.data.get_worker_info() is not None:
             raise RuntimeError("SFTDataset counts its position where rows are consumed: use DataLoader(num_workers=0)")
-        rows = self._rows(self.epoch)
+        rows = self.epoch_rows(self.epoch)
         for k in range(self.rows_seen // self.world_size, len(rows)):
             self.rows_seen = (k + 1) * self.world_size
             yield self.make_row(rows[k])

@@ -52,24 +52,24 @@ class SFTBatches:
         if len(self.ds) == 0:
             raise SystemExit(f"{path}: no sample fits in --max_seq_len {max_seq_len} (stats {self.ds.stats})")
         self.rows_per_step = rows_per_step
-        self.epoch_rows = []  # rows per epoch (packing makes it vary a little with the shuffle)
+        self.rows_per_epoch = []  # rows per epoch (packing makes it vary a little with the shuffle)
 
     def locate(self, i):
         """(epoch, row within the epoch) of the i-th row of the endless sequence."""
         epoch = 0
         while True:
-            if epoch == len(self.epoch_rows):
-                self.epoch_rows.append(len(self.ds._rows(epoch)))
-            if i < self.epoch_rows[epoch]:
+            if epoch == len(self.rows_per_epoch):
+                self.rows_per_epoch.append(len(self.ds.epoch_rows(epoch)))
+            if i < self.rows_per_epoch[epoch]:
                 return epoch, i
-            i -= self.epoch_rows[epoch]
+            i -= self.rows_per_epoch[epoch]
             epoch += 1
 
     def get_batch(self, step, rows):
         out = []
         for r in rows:
             epoch, k = self.locate(step * self.rows_per_step + r)
-            out.append(self.ds.make_row(self.ds._rows(epoch)[k]))
+            out.append(self.ds.make_row(self.ds.epoch_rows(epoch)[k]))
         return {key: torch.stack([row[key] for row in out]) for key in out[0]}
 
 

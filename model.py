@@ -400,6 +400,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Shared by both archs: project to q, k, v -> RoPE -> KV cache -> attention -> output projection."""
 
+    # While training, a replacement for `attention` with the same signature; fine_tuning.py sets it for
+    # LongLoRA's shifted sparse attention (S2-Attn). Inference always uses full attention.
+    train_attn_fn = None
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.args, self.layer = args, layer
@@ -413,7 +417,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, cache_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.args.dropout if self.training else 0.0
-        y = attention(q, k, v, impl, mask, dropout_p)
+        attn = self.train_attn_fn if self.training and self.train_attn_fn is not None else attention
+        y = attn(q, k, v, impl, mask, dropout_p)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -141,9 +141,16 @@ def test_grad_accumulation_2x4_equals_1x8(corpus, reference, tmp_path):
 def test_ddp_and_deepspeed_zero2_match_one_process(corpus, reference, tmp_path):
     run("torchrun", corpus, str(tmp_path / "ddp"), 5, batch_size=2, grad_accum=2)
     assert_same_losses(losses(str(tmp_path / "ddp")), reference, name="DDP 2 ranks x 2 micro-steps")
-    run("deepspeed", corpus, str(tmp_path / "ds"), 5, batch_size=2, grad_accum=2,
-        deepspeed_config=os.path.join(REPO, "configs", "ds_zero2.json"))
-    assert_same_losses(losses(str(tmp_path / "ds")), reference, name="DeepSpeed ZeRO-2")
+    ds = str(tmp_path / "ds")
+    zero2 = dict(batch_size=2, grad_accum=2, deepspeed_config=os.path.join(REPO, "configs", "ds_zero2.json"))
+    run("deepspeed", corpus, ds, 5, save_interval=3, **zero2)
+    assert_same_losses(losses(ds), reference, name="DeepSpeed ZeRO-2")
+    # resume from DeepSpeed's sharded checkpoint of step 3: steps 4 and 5 are replayed exactly
+    import shutil
+    shutil.rmtree(os.path.join(ds, "step_00000005"))
+    p = run("deepspeed", corpus, ds, 5, resume="True", **zero2)
+    assert "step_00000003 (step 3" in p.stdout
+    assert_same_losses(losses(ds), reference, name="DeepSpeed ZeRO-2 resumed at step 3")
 
 
 @pytest.mark.slow
