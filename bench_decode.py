@@ -94,7 +94,7 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--new_tokens", type=int, default=256, help="tokens generated per sequence")
     p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens per sequence (random ids)")
     p.add_argument("--vocab_size", type=int, default=32000, help="vocabulary of the random model")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per entry (best is reported)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per entry (best is reported)")
     p.add_argument("--bandwidth", type=float, default=3.35e12, help="GPU memory bandwidth in B/s for the bound")
 
 

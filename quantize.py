@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -497,12 +496,16 @@ def run(args):
 
     t0 = time.time()
     if args.backend == "ours":
+        # GPTQModel refuses sym=False in the v1 format unless it wrote the file itself (old AutoGPTQ files were
+        # broken there), so asymmetric checkpoints use v2, which stores the zero points as they are
+        fmt = "gptq" if args.sym else "gptq_v2"
         errors = quantize_model(model, calib.to(args.device), args.bits, args.group_size, args.sym, args.desc_act,
-                                args.method, args.percdamp, args.batch_size)
+                                args.method, args.percdamp, args.batch_size, fmt)
         for name, err in errors.items():
             print(f"rel_err {name}: {err:.6f}")
         res["mean_rel_err"] = sum(errors.values()) / len(errors)
-        qconfig = quantization_config(args.bits, args.group_size, args.sym, args.desc_act, args.method, args.percdamp)
+        qconfig = quantization_config(args.bits, args.group_size, args.sym, args.desc_act, args.method,
+                                      args.percdamp, fmt)
         save_quantized(model, args.out, qconfig, tokenizer_path=args.model)
     else:
         del model
