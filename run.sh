@@ -69,8 +69,9 @@ OUT=out/$PRESET; DATA=data
 LAUNCH=("$PY")            # how training scripts are started
 case "$PRESET" in
   cpu)   # ~10 minutes on a 2-core CPU; the numbers below are what fits in that
-    VOCAB=6000; MODEL=(--model tiny --dim 256 --n_layers 4 --n_heads 8 --n_kv_heads 4 --hidden_dim 704)
-    SEQ=256; BATCH=16; PRE_STEPS=150; SFT_STEPS=60; LORA_STEPS=60; EVAL_INT=50; DEVICE=cpu; NSAMPLES=32 ;;
+    VOCAB=${VOCAB:-4096}; MODEL=(--model tiny --dim 256 --n_layers 4 --n_heads 8 --n_kv_heads 4 --hidden_dim 512)
+    SEQ=256; BATCH=16; PRE_STEPS=${PRE_STEPS:-120}; SFT_STEPS=${SFT_STEPS:-40}; LORA_STEPS=${LORA_STEPS:-40}
+    EVAL_INT=40; DEVICE=cpu; NSAMPLES=32 ;;
   gpu)   # one GPU: the baby-llama2 shape (dim 512, 8 layers), about 5 minutes on an H100
     VOCAB=16000; MODEL=(--model baby)
     SEQ=512; BATCH=32; PRE_STEPS=2000; SFT_STEPS=300; LORA_STEPS=300; EVAL_INT=100; DEVICE=cuda; NSAMPLES=128 ;;

@@ -1,22 +1,19 @@
 """
 Training throughput on one GPU: our model vs transformers' LlamaForCausalLM, same shapes, batch and recipe.
 
-    python bench_train.py                       # presets 350m and 1.1b at seq 2048, baby at seq 512
-    python bench_train.py --configs 350m:2048:8  # preset:seq_len:batch
+    python bench.py train                       # presets 350m and 1.1b at seq 2048, baby at seq 512
+    python bench.py train --configs 350m:2048:8  # preset:seq_len:batch
 
 Both sides train the same way as pretrain.py does on a GPU: fp32 master weights, bf16 autocast,
 torch.compile, fused AdamW, a full optimizer step per iteration. Ours uses its fused / chunked
 cross-entropy (never materialises fp32 logits of the whole batch) and cuDNN / flash attention through
 sdpa; transformers uses its sdpa attention and its own loss on full logits.
 MFU = tokens/s * (6 N + 12 L H Q T) / peak (model.estimate_mfu, PaLM appendix B), peak from trainer.PEAK_FLOPS.
-Prints `name: value` lines, e.g. `train_1.1b_ours_tokens/s: 68500`.
+Prints `name: value` lines, e.g. `train_1.1b_seq2048_b4_ours_tokens/s: 68500`.
 """
-import argparse
-import gc
-import time
-
 import torch
 
+from benchmarks.common import peak_gib, require_cuda, reset_peak, time_steps
 from model import ModelArgs, Transformer, hf_config
 from trainer import PEAK_FLOPS, peak_flops
 
@@ -34,19 +31,9 @@ def time_training(model, forward_loss, batch, steps, warmup):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return steps * x.numel() / dt, torch.cuda.max_memory_allocated() / 2**30
+    dt = time_steps(step, warmup, steps, reset_peak_after_warmup=True)
+    return steps * x.numel() / dt, peak_gib()
 
 
 def bench_config(preset, seq_len, batch_size, args, peak):
@@ -62,7 +49,8 @@ def bench_config(preset, seq_len, batch_size, args, peak):
     compiled = torch.compile(ours)
     results["ours"] = time_training(ours, lambda a, b: compiled(a, targets=b), (x, y), args.steps, args.warmup)
     del ours, compiled
-    gc.collect(), torch.cuda.empty_cache(), torch._dynamo.reset()
+    reset_peak()
+    torch._dynamo.reset()
 
     cfg = LlamaConfig(**{k: v for k, v in hf_config(margs).items() if k not in ("architectures", "model_type")})
     hf = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").cuda()
@@ -71,7 +59,8 @@ def bench_config(preset, seq_len, batch_size, args, peak):
     results["hf_compiled"] = time_training(hf, lambda a, b: hf_compiled(input_ids=a, labels=a).loss, (x, y),
                                            args.steps, args.warmup)
     del hf, hf_compiled
-    gc.collect(), torch.cuda.empty_cache(), torch._dynamo.reset()
+    reset_peak()
+    torch._dynamo.reset()
 
     name = f"train_{preset}_seq{seq_len}_b{batch_size}"
     for side, (tok_s, mem) in results.items():
@@ -81,32 +70,34 @@ def bench_config(preset, seq_len, batch_size, args, peak):
     print(f"{name}_speedup: {results['ours'][0] / results['hf_compiled'][0]:.2f}")
 
 
-def bench_train(args):
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_train: needs a CUDA GPU")
+def parse_configs(text):
+    """'350m:2048:8,baby:512:32' -> [('350m', 2048, 8), ('baby', 512, 32)]"""
+    configs = []
+    for item in text.split(","):
+        try:
+            preset, seq_len, batch = item.split(":")
+            configs.append((preset, int(seq_len), int(batch)))
+        except ValueError:
+            raise SystemExit(f"bench.py train --configs {item}: expected preset:seq_len:batch, e.g. 350m:2048:8")
+    return configs
+
+
+def run(args):
+    configs = parse_configs(args.configs)  # bad flags fail before any GPU work
+    require_cuda("train")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
     peak = peak_flops(device)
     print(f"device: {torch.cuda.get_device_name(device)}")
     print(f"peak_bf16_tflops: {peak / 1e12:.0f}" if peak else f"peak_bf16_tflops: unknown (add it to trainer.PEAK_FLOPS: {sorted(PEAK_FLOPS)})")
     print(f"torch: {torch.__version__}")
-    for item in args.configs.split(","):
-        try:
-            preset, seq_len, batch = item.split(":")
-            seq_len, batch = int(seq_len), int(batch)
-        except ValueError:
-            raise SystemExit(f"--configs {item}: expected preset:seq_len:batch, e.g. 350m:2048:8")
+    for preset, seq_len, batch in configs:
         bench_config(preset, seq_len, batch, args, peak)
 
 
-def add_bench_train_args(p):
+def add_args(p):
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated preset:seq_len:batch_size")
     p.add_argument("--steps", type=int, default=20, help="timed training iterations per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, autotuning)")
     return p
 
-
-if __name__ == "__main__":
-    parser = add_bench_train_args(argparse.ArgumentParser(description=__doc__.strip().split("\n")[0],
-                                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    bench_train(parser.parse_args())

