@@ -259,8 +259,11 @@ def check_args(args):
 def build_model(args, device):
     """The base (with --max_seq_len / --rope_scaling / --s2_attn) and, with --lora, the PeftModel around it
     (None otherwise). The model to train is the first: the LoRA layers sit inside it."""
+    # S2-Attn builds its own group masks over plain causal rows; flex's causal block mask would stand in its
+    # way, so with --s2_attn the "auto"/"flex" choice becomes sdpa (flash / cuDNN kernels on GPU)
+    attn_impl = "sdpa" if args.s2_attn and args.attn_impl in ("auto", "flex") else args.attn_impl
     try:
-        model = load_base(args.init_from, args.max_seq_len, args.rope_scaling, args.attn_impl)
+        model = load_base(args.init_from, args.max_seq_len, args.rope_scaling, attn_impl)
     except ValueError as e:
         raise SystemExit(f"--rope_scaling / --max_seq_len: {e}")
     T = model.args.max_seq_len

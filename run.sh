@@ -69,7 +69,7 @@ OUT=out/$PRESET; DATA=data
 LAUNCH=("$PY")            # how training scripts are started
 case "$PRESET" in
   cpu)   # ~10 minutes on a 2-core CPU; the numbers below are what fits in that
-    VOCAB=${VOCAB:-4096}; MODEL=(--model tiny --dim 256 --n_layers 4 --n_heads 8 --n_kv_heads 4 --hidden_dim 512)
+    VOCAB=${VOCAB:-6000}; MODEL=(--model tiny --dim 256 --n_layers 4 --n_heads 8 --n_kv_heads 4 --hidden_dim 512)
     SEQ=256; BATCH=16; PRE_STEPS=${PRE_STEPS:-120}; SFT_STEPS=${SFT_STEPS:-40}; LORA_STEPS=${LORA_STEPS:-40}
     EVAL_INT=40; DEVICE=cpu; NSAMPLES=32 ;;
   gpu)   # one GPU: the baby-llama2 shape (dim 512, 8 layers), about 5 minutes on an H100
@@ -163,7 +163,9 @@ for i in "${!STAGES[@]}"; do
   fi
   echo "stage $s: running (log: $OUT/logs/$s.log)"
   ts=$SECONDS
-  if ! "stage_$s" > "$OUT/logs/$s.log" 2>&1; then
+  # a subshell outside any `if`, so that `set -e` stops the stage at its first failing command
+  set +e; ( set -e; "stage_$s" ) > "$OUT/logs/$s.log" 2>&1; rc=$?; set -e
+  if [ $rc -ne 0 ]; then
     echo "stage $s FAILED after $((SECONDS - ts)) s; last lines of $OUT/logs/$s.log:" >&2
     tail -n 15 "$OUT/logs/$s.log" >&2
     exit 1

@@ -123,11 +123,16 @@ def run(a):
         model.save_pretrained(base)
         del model
         lora = ["--lora", "True", "--lora_r", "8", "--lora_alpha", "16"]
-        run_ours(a, base, "full_ours", T, [])
-        run_ours(a, base, "lora_r8_ours", T, lora)
-        if a.hf:
+        if "full" in a.parts:
+            run_ours(a, base, "full_ours", T, [])
+        if "lora" in a.parts:
+            run_ours(a, base, "lora_r8_ours", T, lora)
+        if "full" in a.parts and a.hf:
             run_hf(a, base, "full_hf", T, lora=False)
+        if "lora" in a.parts and a.hf:
             run_hf(a, base, "lora_r8_hf", T, lora=True)
+        if "long" not in a.parts:
+            return
         # long context: 2x the trained length, YaRN factor 2, LoRA; plain attention vs S2-Attn
         L = 2 * T
         print(f"long_seq_len: {L}")
@@ -149,6 +154,8 @@ def add_args(p):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
     p.add_argument("--gradient_checkpointing", type=trainer.str2bool, default=False,
                    help="recompute activations in backward (both ours and HF)")
+    p.add_argument("--parts", default="full,lora,long",
+                   help="which runs: full fine-tuning, lora r=8, long context (YaRN 2x, plain vs S2-Attn)")
     p.add_argument("--hf", type=trainer.str2bool, default=True, help="also run transformers + peft side by side")
     return p
 

