@@ -18,7 +18,7 @@ from tokenizer import Tokenizer
 from train_tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(os.path.dirname(__import__("chatterbot_corpus").__file__), "data")
+CORPUS = os.path.join(os.path.dirname(pytest.importorskip("chatterbot_corpus").__file__), "data")
 
 SYSTEM, Q1, A1, Q2, A2 = "You are a helpful bot.", "你好吗?", "很好，谢谢. And you?", "What is AI?", "It is the science of thinking machines."
 SHAREGPT = {"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": Q1},
