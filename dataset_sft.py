@@ -62,32 +62,29 @@ def alpaca_to_messages(sample: dict) -> list[dict]:
     return messages
 
 
-def sharegpt_to_messages(sample: dict) -> list[dict]:
-    """{"conversations": [{"from": "system"|"human"|"gpt"|"user"|"assistant", "value": str}, ...]}."""
-    turns = _field(sample, "conversations")
+def _turns_to_messages(sample: dict, list_key: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
+    """A list of turns under list_key, each naming its speaker (mapped through roles) and its text."""
+    turns = _field(sample, list_key)
     if not isinstance(turns, list):
-        raise BadSample("field 'conversations' must be a list")
+        raise BadSample(f"field {list_key!r} must be a list")
     messages = []
     for k, turn in enumerate(turns):
-        speaker = _field(turn, "from", f"conversations[{k}]: ")
-        if speaker not in SHAREGPT_ROLES:
-            raise BadSample(f"conversations[{k}]: unknown role {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _field(turn, "value", f"conversations[{k}]: ")})
+        where = f"{list_key}[{k}]: "
+        speaker = _field(turn, role_key, where)
+        if speaker not in roles:
+            raise BadSample(f"{where}unknown role {speaker!r} (expected one of {', '.join(roles)})")
+        messages.append({"role": roles[speaker], "content": _field(turn, content_key, where)})
     return messages
+
+
+def sharegpt_to_messages(sample: dict) -> list[dict]:
+    """{"conversations": [{"from": "system"|"human"|"gpt"|"user"|"assistant", "value": str}, ...]}."""
+    return _turns_to_messages(sample, "conversations", "from", "value", SHAREGPT_ROLES)
 
 
 def openai_to_messages(sample: dict) -> list[dict]:
     """{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}."""
-    turns = _field(sample, "messages")
-    if not isinstance(turns, list):
-        raise BadSample("field 'messages' must be a list")
-    messages = []
-    for k, turn in enumerate(turns):
-        role = _field(turn, "role", f"messages[{k}]: ")
-        if role not in ROLES:
-            raise BadSample(f"messages[{k}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        messages.append({"role": role, "content": _field(turn, "content", f"messages[{k}]: ")})
-    return messages
+    return _turns_to_messages(sample, "messages", "role", "content", {r: r for r in ROLES})
 
 
 def check_messages(messages: list[dict]) -> list[dict]:

@@ -467,7 +467,7 @@ def get_args(argv=None):
     p.add_argument("--eval_tokens", type=int, default=65536, help="tokens scored for perplexity (the file's last ones)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="activation dtype while quantizing and evaluating (default: bfloat16 on cuda, else float32)")
+                   help="activation dtype while quantizing and evaluating; unset: bfloat16 on cuda, else float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
     args = p.parse_args(argv)
     if args.group_size != -1 and (args.group_size < 32 or args.group_size % 32):

@@ -145,8 +145,10 @@ stage_report() {      # the figures a person wants, pulled from the stage logs
   echo "dialogue_ppl_pretrained: $(pick "$L/eval.log" ppl 2)"
   echo "dialogue_ppl_sft: $(pick "$L/eval.log" ppl 3)"
   echo "dialogue_ppl_lora: $(pick "$L/eval.log" ppl 4)"
-  echo "gptq_ppl: $(pick "$L/quantize.log" ppl 1)"
-  grep -E "^(ppl_fp|ppl_quant|file_mb|quant_s)" "$L/quantize.log" | sed 's/^/quantize_/' || true
+  echo "fp32_ppl_before_quantization: $(pick "$L/quantize.log" ppl_fp 1)"
+  echo "gptq_4bit_g128_ppl: $(pick "$L/quantize.log" ppl_quant 1)"
+  echo "rtn_4bit_g128_ppl: $(pick "$L/quantize.log" ppl_quant 2)"
+  echo "gptq_ppl_via_eval_py: $(pick "$L/quantize.log" ppl 1)"
   echo "chat:"; sed -n '/== chat/,$p' "$L/eval.log" | tail -n +2
 }
 
