@@ -55,12 +55,15 @@ def run_ours(a, base, name, seq_len, extra):
             dt = time_steps(t.train_step, a.warmup, a.steps, device)
             t.logger.close()
         except torch.OutOfMemoryError:
-            print(f"{name}_tokens_per_s: OOM")
-            print(f"{name}_peak_mem_gib: OOM")
-            return
+            return report(a, name, seq_len, None, device)
     print(f"{name}_trainable_params: {n_train}")
-    print(f"{name}_tokens_per_s: {a.steps * a.batch_size * seq_len / dt:.0f}")
-    print(f"{name}_peak_mem_gib: {peak_gib(device):.2f}")
+    report(a, name, seq_len, dt, device)
+
+
+def report(a, name, seq_len, dt, device):
+    """tokens/s and peak memory of one timed run; dt None: it ran out of GPU memory."""
+    print(f"{name}_tokens_per_s: " + ("OOM" if dt is None else f"{a.steps * a.batch_size * seq_len / dt:.0f}"))
+    print(f"{name}_peak_mem_gib: " + ("OOM" if dt is None else f"{peak_gib(device):.2f}"))
 
 
 def run_hf(a, base, name, seq_len, lora):
@@ -98,11 +101,8 @@ def run_hf(a, base, name, seq_len, lora):
 
         dt = time_steps(step, a.warmup, a.steps, device)
     except torch.OutOfMemoryError:
-        print(f"{name}_tokens_per_s: OOM")
-        print(f"{name}_peak_mem_gib: OOM")
-        return
-    print(f"{name}_tokens_per_s: {a.steps * a.batch_size * seq_len / dt:.0f}")
-    print(f"{name}_peak_mem_gib: {peak_gib(device):.2f}")
+        dt = None
+    report(a, name, seq_len, dt, device)
 
 
 def run(a):
