@@ -68,6 +68,8 @@ def load_tokenizer(model_path, adapter=None, tokenizer=None) -> Tokenizer:
     """--tokenizer, else the one saved beside the adapter, else the one in the model folder."""
     if tokenizer:
         return Tokenizer(tokenizer)
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise SystemExit(f"--model {model_path}: no config.json (not a checkpoint folder)")
     for folder in (adapter, model_path):
         if folder and any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.model", "tokenizer.json")):
             return Tokenizer(folder)
