@@ -287,10 +287,8 @@ def main(argv=None):
     from tokenizer import Tokenizer
     dist = setup_distributed(args)
     seed_everything(args.seed)
-    if not os.path.isfile(os.path.join(args.init_from, "config.json")):
-        raise SystemExit(f"--init_from {args.init_from}: no config.json (not a checkpoint folder)")
+    model, peft_model = build_model(args, dist.device)  # first: it names a --init_from that is no checkpoint
     tokenizer = Tokenizer(args.tokenizer or args.init_from)
-    model, peft_model = build_model(args, dist.device)
     T = model.args.max_seq_len
     if tokenizer.vocab_size > model.args.vocab_size:
         raise SystemExit(f"--tokenizer {tokenizer.path}: vocab_size {tokenizer.vocab_size} exceeds the model's "
