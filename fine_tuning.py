@@ -160,38 +160,39 @@ def s2_attention(q, k, v, impl, mask=None, dropout_p=0.0, group_size=None):
     The second half of the heads uses groups shifted by G/2 (a half group at each end), so each of its
     groups straddles two plain groups and information crosses group borders from layer to layer:
         plain heads:   group(p) = p // G          shifted heads: group(p) = (p + G/2) // G
-    Shifting = rolling the sequence by -G/2; the last rolled group then holds the last G/2 tokens followed
-    by the first G/2 (wrapped around): a mask keeps those two halves apart, so no token sees its future.
+    No mask anywhere: every group is a plain causal sequence of its own, folded into the batch dimension,
+    so one causal call per group length runs on the flash / cuDNN kernels (memory linear in T).
     """
     if mask is not None:
         raise ValueError("S2-Attn: rows must be plain causal sequences (--sft_mode padding)")
     from model import attention, repeat_kv
-    B, H, T, D = q.shape
-    G = group_size
+    H, T = q.shape[1], q.shape[2]
+    G, s = group_size, group_size // 2
     if T % G or G % 2:
         raise ValueError(f"S2-Attn: sequence length {T} must be a multiple of the (even) group size {G}")
     if k.shape[1] % 2:  # an odd number of kv heads cannot be split in halves with the query heads: expand
         k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // k.shape[1])
-    h, hk, n = H // 2, k.shape[1] // 2, T // G
-    if impl == "flex":  # flex takes its causal mask as a BlockMask (None = no mask); sdpa's None is causal
+    h, hk = H // 2, k.shape[1] // 2  # query heads [0, h) use kv heads [0, hk): GQA's pairing is kept
+    if impl == "flex":  # flex's mask=None means no mask at all, sdpa's means causal
         impl = "sdpa"
 
-    def to_groups(x):  # (B, heads, T, D) -> (B * n, heads, G, D): every group is a sequence of its own
-        return x.unflatten(2, (n, G)).transpose(1, 2).flatten(0, 1)
+    def grouped(q, k, v, g):
+        """Causal attention within consecutive groups of g tokens of (b, heads, n*g, D): the groups are
+        folded into the batch, (b*n, heads, g, D), so each runs as a sequence of its own."""
+        b, n = q.shape[0], q.shape[2] // g
+        y = attention(*(x.unflatten(2, (n, g)).transpose(1, 2).flatten(0, 1) for x in (q, k, v)),
+                      impl, None, dropout_p)
+        return y.unflatten(0, (b, n)).transpose(1, 2).flatten(2, 3)
 
-    def from_groups(y):
-        return y.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)
-
-    plain = from_groups(attention(*(to_groups(x) for x in (q[:, :h], k[:, :hk], v[:, :hk])), impl, None, dropout_p))
-    # shifted half: causal within each rolled group, and in the last one the wrapped-around start
-    # (the second G/2 slots) never attends to the sequence's end (the first G/2 slots)
-    causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
-    half = torch.arange(G, device=q.device) < G // 2
-    last = causal & (half[:, None] == half[None, :])
-    group_mask = torch.stack([causal] * (n - 1) + [last]).repeat(B, 1, 1)[:, None]  # (B * n, 1, G, G)
-    rolled = (to_groups(x.roll(-(G // 2), dims=2)) for x in (q[:, h:], k[:, hk:], v[:, hk:]))
-    shifted = from_groups(attention(*rolled, "eager" if impl == "eager" else "sdpa", group_mask, dropout_p))
-    return torch.cat([plain, shifted.roll(G // 2, dims=2)], dim=1)
+    plain = grouped(q[:, :h], k[:, :hk], v[:, :hk], G)
+    # shifted half: a half group [0, s), full groups [s, s+G), ..., [T-G-s, T-s), a half group [T-s, T).
+    # The full groups are the middle T-G tokens cut in groups of G; the two half groups have the same
+    # length s, so they go together as one batch of 2B sequences (no wrap-around: ends never meet).
+    qs, ks, vs = q[:, h:], k[:, hk:], v[:, hk:]
+    first, last = grouped(*(torch.cat([x[:, :, :s], x[:, :, T - s:]]) for x in (qs, ks, vs)), s).chunk(2)
+    middle = [grouped(*(x[:, :, s:T - s] for x in (qs, ks, vs)), G)] if T > G else []
+    shifted = torch.cat([first, *middle, last], dim=2)
+    return torch.cat([plain, shifted], dim=1)
 
 
 def enable_s2_attn(model, group_size):
@@ -259,8 +260,9 @@ def check_args(args):
 def build_model(args, device):
     """The base (with --max_seq_len / --rope_scaling / --s2_attn) and, with --lora, the PeftModel around it
     (None otherwise). The model to train is the first: the LoRA layers sit inside it."""
-    # S2-Attn builds its own group masks over plain causal rows; flex's causal block mask would stand in its
-    # way, so with --s2_attn the "auto"/"flex" choice becomes sdpa (flash / cuDNN kernels on GPU)
+    # S2-Attn needs plain causal rows (mask None) and calls causal attention per group; flex would get a
+    # causal block mask built for the full length instead, so with --s2_attn "auto"/"flex" becomes sdpa
+    # (flash / cuDNN kernels on GPU)
     attn_impl = "sdpa" if args.s2_attn and args.attn_impl in ("auto", "flex") else args.attn_impl
     try:
         model = load_base(args.init_from, args.max_seq_len, args.rope_scaling, attn_impl)

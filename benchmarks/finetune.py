@@ -1,10 +1,13 @@
 """Fine-tuning on one GPU, ours (fine_tuning.py) vs transformers + peft: full, LoRA r=8, long context.
 
 At the 1.1B (TinyLlama) shape: full fine-tuning vs LoRA r=8, ours (fine_tuning.py on trainer.py) beside
-transformers + peft; then long context at 2x the trained length with YaRN, plain attention vs LongLoRA's
-S2-Attn. Peak memory and tokens/s per run (or OOM), as `name: value` lines.
+transformers + peft; then long context at --long_factor x the trained length with YaRN and LoRA: plain
+causal attention on sdpa (flash / cuDNN), plain eager attention (T x T scores) and LongLoRA's S2-Attn.
+Peak memory and tokens/s per run (or OOM: a run that does not fit says so and the others go on), as
+`name: value` lines.
 
     python bench.py finetune                       # the lead's H100 run
+    python bench.py finetune --parts long --long_factor 4 --batch_size 2    # 4x length only
     python bench.py finetune --preset tiny --device cpu --steps 2 --warmup 1    # smoke test
 
 Weights are random (no download): speed and memory do not depend on their values. Each run takes
@@ -13,6 +16,7 @@ AdamW); SFT-like rows: the first half of each row is prompt (-100), the second h
 """
 import argparse
 import itertools
+import json
 import os
 import tempfile
 
@@ -54,8 +58,8 @@ def run_ours(a, base, name, seq_len, extra):
             t = trainer.Trainer(args, model, RandomSFT(model.args.vocab_size, seq_len))
             dt = time_steps(t.train_step, a.warmup, a.steps, device)
             t.logger.close()
-        except torch.OutOfMemoryError:
-            return report(a, name, seq_len, None, device)
+        except torch.OutOfMemoryError:  # `name_...: OOM` and on to the next run: leaving frees this run's
+            return report(a, name, seq_len, None, device)  # tensors, the next reset_peak returns the memory
     print(f"{name}_trainable_params: {n_train}")
     report(a, name, seq_len, dt, device)
 
@@ -133,16 +137,15 @@ def run(a):
             run_hf(a, base, "lora_r8_hf", T, lora=True)
         if "long" not in a.parts:
             return
-        # long context: 2x the trained length, YaRN factor 2, LoRA; plain attention vs S2-Attn
-        L = 2 * T
-        print(f"long_seq_len: {L}")
-        yarn = ["--rope_scaling", '{"rope_type": "yarn", "factor": 2}']
-        run_ours(a, base, "long_plain_lora", L, lora + yarn)
-        probe = Transformer(ModelArgs.preset("tiny"))
-        if any(hasattr(m, "train_attn_fn") for m in probe.modules()):
-            run_ours(a, base, "long_s2attn_lora", L, lora + yarn + ["--s2_attn", "True", "--sft_mode", "padding"])
-        else:
-            print("long_s2attn_lora: unavailable (model.py Attention has no train_attn_fn hook)")
+        # long context: long_factor x the trained length, YaRN of that factor, LoRA; three attentions side by
+        # side: plain causal sdpa (flash / cuDNN, memory linear in length), plain eager (the T x T scores
+        # materialized, as naive implementations do) and LongLoRA's S2-Attn (causal sdpa per group)
+        f = a.long_factor
+        print(f"long{f}x_seq_len: {f * T}")
+        yarn = ["--rope_scaling", json.dumps({"rope_type": "yarn", "factor": f})]
+        for name, extra in [("sdpa", ["--attn_impl", "sdpa"]), ("eager", ["--attn_impl", "eager"]),
+                            ("s2attn", ["--s2_attn", "True", "--sft_mode", "padding"])]:
+            run_ours(a, base, f"long{f}x_{name}_lora", f * T, lora + yarn + extra)
 
 
 def add_args(p):
@@ -155,7 +158,8 @@ def add_args(p):
     p.add_argument("--gradient_checkpointing", type=trainer.str2bool, default=False,
                    help="recompute activations in backward (both ours and HF)")
     p.add_argument("--parts", default="full,lora,long",
-                   help="which runs: full fine-tuning, lora r=8, long context (YaRN 2x, plain vs S2-Attn)")
+                   help="which runs: full fine-tuning, lora r=8, long context (YaRN, sdpa vs eager vs S2-Attn)")
+    p.add_argument("--long_factor", type=int, default=2, help="long context: this many times the trained length")
     p.add_argument("--hf", type=trainer.str2bool, default=True, help="also run transformers + peft side by side")
     return p
 

@@ -154,3 +154,29 @@ def test_bad_log_names_file_and_line(tmp_path):
     bad.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\nnot json\n")
     with pytest.raises(SystemExit, match=r"log.jsonl:2: not a trainer.py log record"):
         plot_figures.read_log(str(bad))
+
+
+def test_finetune_long_part_on_cpu_goes_on_past_an_oom(monkeypatch, capsys):
+    """`finetune --parts long` with the tiny preset on CPU: plain sdpa, plain eager and S2-Attn at 4x the
+    trained length each train a step; a run that runs out of memory (eager here, made to) prints OOM lines
+    and the others still run."""
+    import fine_tuning
+    build = fine_tuning.build_model
+
+    def oom(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def build_eager_oom(args, device):
+        model, peft_model = build(args, device)
+        if args.attn_impl == "eager":
+            model.register_forward_pre_hook(oom)  # in the first training step, where a real OOM strikes
+        return model, peft_model
+
+    monkeypatch.setattr(fine_tuning, "build_model", build_eager_oom)
+    bench.main(["finetune", "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--parts", "long",
+                "--hf", "False", "--steps", "1", "--warmup", "0", "--long_factor", "4"])
+    got = name_values(capsys.readouterr().out)
+    assert got["long4x_seq_len"] == "512"
+    assert got["long4x_eager_lora_tokens_per_s"] == got["long4x_eager_lora_peak_mem_gib"] == "OOM"
+    for name in ("sdpa", "s2attn"):
+        assert float(got[f"long4x_{name}_lora_tokens_per_s"]) > 0

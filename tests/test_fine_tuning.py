@@ -240,27 +240,70 @@ def test_lora_resume_is_exact(env, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-@pytest.mark.parametrize("impl", ["eager", "sdpa", "flex"])
-def test_s2_attention_matches_masked_reference(n_kv_heads, impl):
-    """S2-Attn (rolled groups) == full attention under the LongLoRA mask written out per position:
-    plain heads see their group p // G, shifted heads the group (p + G/2) // G, both causal."""
-    torch.manual_seed(0)
-    B, H, T, D, G = 2, 4, 32, 8, 8
-    q = torch.randn(B, H, T, D)
-    k, v = torch.randn(B, n_kv_heads, T, D), torch.randn(B, n_kv_heads, T, D)
-    y = fine_tuning.s2_attention(q, k, v, impl, group_size=G)
+def s2_reference(q, k, v, G):
+    """Dense attention under the LongLoRA mask written out per position: plain heads (the first half) see
+    their group p // G, shifted heads the group (p + G/2) // G, both causal. Returns (output, plain causal)."""
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
     p = torch.arange(T)
     causal = p[:, None] >= p[None, :]
     masks = [causal & ((p[:, None] + off) // G == (p[None, :] + off) // G) for off in (0, G // 2)]
-    kr, vr = (x.repeat_interleave(H // n_kv_heads, dim=1) for x in (k, v))
+    kr, vr = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
     scores = q @ kr.transpose(-1, -2) / D ** 0.5
     head_mask = torch.stack([masks[h >= H // 2] for h in range(H)])  # (H, T, T)
-    ref = scores.masked_fill(~head_mask, float("-inf")).softmax(-1) @ vr
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    # and it is not plain causal attention (the test can fail)
     full = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vr
-    assert not torch.allclose(y, full, atol=1e-3)
+    return scores.masked_fill(~head_mask, float("-inf")).softmax(-1) @ vr, full
+
+
+def qkv(n_kv_heads, T, requires_grad=False):
+    torch.manual_seed(0)
+    B, H, D = 2, 4, 8
+    return (torch.randn(B, H, T, D, requires_grad=requires_grad),
+            *(torch.randn(B, n_kv_heads, T, D, requires_grad=requires_grad) for _ in range(2)))
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("T,G", [(32, 8), (16, 16)])  # G = T: no full shifted group, two halves only
+def test_s2_attention_matches_masked_reference(n_kv_heads, impl, T, G):
+    """S2-Attn (causal calls per group, no mask) == dense attention under the LongLoRA mask, MHA and GQA."""
+    q, k, v = qkv(n_kv_heads, T)
+    y = fine_tuning.s2_attention(q, k, v, impl, group_size=G)
+    ref, full = s2_reference(q, k, v, G)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y, full, atol=1e-3)  # and it is not plain causal attention (the test can fail)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_s2_attention_gradients_match_reference(n_kv_heads, impl):
+    """Backward through the groups, slices and concatenations gives the dense reference's gradients."""
+    q, k, v = qkv(n_kv_heads, 32, requires_grad=True)
+    w = torch.randn(2, 4, 32, 8)  # a loss that weighs every output element differently
+    (fine_tuning.s2_attention(q, k, v, impl, group_size=8) * w).sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    (s2_reference(q, k, v, 8)[0] * w).sum().backward()
+    for got, x in zip(grads, (q, k, v)):
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_s2_attention_calls_causal_sdpa_without_mask(monkeypatch):
+    """Mask-free: every sdpa call is plain causal (what the flash / cuDNN kernels take), one per group length
+    and half: plain groups, shifted full groups, the two shifted half groups."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape, attn_mask, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    fine_tuning.s2_attention(*qkv(2, 32), "sdpa", group_size=8)
+    assert calls == [
+        (torch.Size([8, 2, 8, 8]), None, True), (torch.Size([4, 2, 4, 8]), None, True),
+        (torch.Size([6, 2, 8, 8]), None, True)]
 
 
 def test_long_context_yarn_and_s2_attn(env, tmp_path):
