@@ -225,14 +225,15 @@ def apply_rope(x, cos, sin):
 
 # ----------------------------------------------------------------------------- attention
 
-def resolve_attn_impl(impl: str, device: torch.device) -> str:
-    """auto: flash_attn (if installed) or FlexAttention on a GPU, sdpa otherwise."""
+def resolve_attn_impl(impl: str, device: torch.device, packed=False) -> str:
+    """auto: flash_attn if installed; else on a GPU FlexAttention for packed documents (it skips the
+    masked-out blocks) and sdpa for plain causal rows (its cuDNN / flash kernels are faster there); sdpa on CPU."""
     if impl != "auto":
         return impl
     if device.type == "cuda":
         if flash_attn_func is not None:
             return "flash_attn"
-        if flex_attention is not None:
+        if packed and flex_attention is not None:
             return "flex"
     return "sdpa"
 
@@ -363,7 +364,7 @@ def position_ids_from_doc_ids(doc_ids):
 
 class KVCache:
     """Static, preallocated keys/values: k[layer], v[layer] are (B, n_kv_heads, max_len, head_dim).
-    New entries are written at slot positions given as a tensor (index_copy_), so a one-token decode
+    New entries are written at slot positions given as a tensor (an indexed store), so a one-token decode
     step has fixed shapes and can be torch.compile'd with CUDA graphs. `valid` (B, max_len) marks the
     slots that hold real tokens (left padding does not), so later steps need no attention_mask.
     `length` counts filled slots when the model picks the slots itself (cache_pos=None)."""
@@ -377,8 +378,9 @@ class KVCache:
         self.length = 0
 
     def update(self, layer, cache_pos, k, v):
-        self.k[layer].index_copy_(2, cache_pos, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, cache_pos, v.to(self.v[layer].dtype))
+        # an indexed store (index_put_, as gpt-fast): compiled, it writes just the new slots in place
+        self.k[layer][:, :, cache_pos] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, cache_pos] = v.to(self.v[layer].dtype)
         return self.k[layer], self.v[layer]
 
 
@@ -609,7 +611,7 @@ class Transformer(nn.Module):
                 cache.length += T
             real = attention_mask[:, -T:].bool() if attention_mask is not None else \
                 torch.ones(B, T, dtype=torch.bool, device=device)
-            cache.valid.index_copy_(1, cache_pos, real)
+            cache.valid[:, cache_pos] = real
             if position_ids is None:  # left padding: the position of a token = real tokens before it
                 before = cache.valid.long().cumsum(1) - 1
                 position_ids = before.index_select(1, cache_pos).clamp(min=0)
@@ -619,7 +621,7 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(T, device=device).expand(B, T)
 
-        impl = resolve_attn_impl(self.args.attn_impl, device)
+        impl = resolve_attn_impl(self.args.attn_impl, device, packed=doc_ids is not None)
         impl, mask = build_attn_mask(impl, T, device, doc_ids, attention_mask, cache, cache_pos)
         cos, sin = self.rotary(position_ids)
 
