@@ -364,7 +364,7 @@ def position_ids_from_doc_ids(doc_ids):
 
 class KVCache:
     """Static, preallocated keys/values: k[layer], v[layer] are (B, n_kv_heads, max_len, head_dim).
-    New entries are written at slot positions given as a tensor (an indexed store), so a one-token decode
+    New entries are written at slot positions given as a tensor (index_copy_), so a one-token decode
     step has fixed shapes and can be torch.compile'd with CUDA graphs. `valid` (B, max_len) marks the
     slots that hold real tokens (left padding does not), so later steps need no attention_mask.
     `length` counts filled slots when the model picks the slots itself (cache_pos=None)."""
@@ -378,9 +378,8 @@ class KVCache:
         self.length = 0
 
     def update(self, layer, cache_pos, k, v):
-        # an indexed store (index_put_, as gpt-fast): compiled, it writes just the new slots in place
-        self.k[layer][:, :, cache_pos] = k.to(self.k[layer].dtype)
-        self.v[layer][:, :, cache_pos] = v.to(self.v[layer].dtype)
+        self.k[layer].index_copy_(2, cache_pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, cache_pos, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 
@@ -611,7 +610,7 @@ class Transformer(nn.Module):
                 cache.length += T
             real = attention_mask[:, -T:].bool() if attention_mask is not None else \
                 torch.ones(B, T, dtype=torch.bool, device=device)
-            cache.valid[:, cache_pos] = real
+            cache.valid.index_copy_(1, cache_pos, real)
             if position_ids is None:  # left padding: the position of a token = real tokens before it
                 before = cache.valid.long().cumsum(1) - 1
                 position_ids = before.index_select(1, cache_pos).clamp(min=0)
