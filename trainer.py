@@ -31,9 +31,9 @@ Checkpoints (out_dir/step_00001000/):
 Written to step_N.tmp/ and renamed when complete; the last --keep_last are kept. At the end the final
 model is also written to out_dir itself, so out_dir is a checkpoint folder too.
 A DDP run resumes exactly on any GPU count (the full optimizer state is saved, the data order depends
-only on the step). A DeepSpeed run resumes exactly on the same count; on another count DeepSpeed
-cannot re-partition its ZeRO optimizer state, so the weights are restored and Adam's moments restart
-(printed as a warning). state/meta.json holds step, tokens seen, world size and the args.
+only on the step). A DeepSpeed run resumes on the same count from its sharded checkpoint; on another
+count that checkpoint is first converted to DeepSpeed's universal form (state/deepspeed_universal/),
+which re-partitions weights and Adam moments. state/meta.json holds step, tokens seen, world size, args.
 SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, and the process exits with
 128 + signal number (143 / 130), so a job script can tell preemption from a finished run (exit 0).
 """
@@ -374,6 +374,30 @@ class StopSignal:
         signal.signal(signum, signal.SIG_DFL)
 
 
+def saved_world_size(ckpt) -> int:
+    with open(os.path.join(ckpt, "state", "meta.json")) as f:
+        return json.load(f)["world_size"]
+
+
+def to_universal(state_dir, main: bool):
+    """DeepSpeed's ZeRO checkpoint holds each rank's slice of the flattened fp32 weights and Adam moments,
+    so it reloads only on the rank count that wrote it. Its "universal" form stores every parameter's
+    weight and moments whole (state/deepspeed_universal/), which any rank count can slice again.
+    Rank 0 converts once (to a temp name, then renamed); the other ranks wait."""
+    out = os.path.join(state_dir, "deepspeed_universal", "ds")
+    if main and not os.path.isdir(out):
+        from deepspeed.checkpoint import ds_to_universal
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        conversion = argparse.Namespace(input_folder=os.path.join(state_dir, "deepspeed", "ds"), output_folder=tmp,
+                                        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                        strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not ours
+            ds_to_universal.main(conversion)
+        os.replace(tmp, out)
+    barrier()
+
+
 # ----------------------------------------------------------------------------- the loop
 
 class Trainer:
@@ -400,6 +424,10 @@ class Trainer:
         if args.use_deepspeed:
             import deepspeed
             cfg = deepspeed_config(args, d.world_size, self.dtype)
+            self.universal = ckpt is not None and saved_world_size(ckpt) != d.world_size
+            if self.universal:
+                to_universal(os.path.join(ckpt, "state"), d.is_main)
+                cfg["checkpoint"] = {"load_universal": True}
             zero = cfg.get("zero_optimization", {})
             self.zero_stage = zero.get("stage", 0)
             offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
@@ -585,17 +613,14 @@ class Trainer:
         with open(os.path.join(state_dir, "meta.json")) as f:
             state = json.load(f)
         if self.engine is not None:
-            # DeepSpeed reloads its partitioned optimizer state only on the same number of ranks; on
-            # another count it takes the weights and restarts Adam's moments (a short loss bump)
-            same_world = state["world_size"] == d.world_size
-            if not same_world:
+            folder = "deepspeed_universal" if self.universal else "deepspeed"
+            if self.universal:
                 print0(f"resume: DeepSpeed checkpoint from {state['world_size']} ranks, now {d.world_size}: "
-                       "weights restored, optimizer state reset (DeepSpeed cannot re-partition it)")
-            path, _ = self.engine.load_checkpoint(os.path.join(state_dir, "deepspeed"), tag="ds",
-                                                  load_optimizer_states=same_world, load_lr_scheduler_states=False,
-                                                  load_module_only=not same_world)
+                       "re-partitioned from its universal form")
+            path, _ = self.engine.load_checkpoint(os.path.join(state_dir, folder), tag="ds",
+                                                  load_lr_scheduler_states=False)
             if path is None:
-                raise SystemExit(f"--resume: {state_dir}/deepspeed holds no DeepSpeed checkpoint")
+                raise SystemExit(f"--resume: {state_dir}/{folder} holds no DeepSpeed checkpoint")
         else:
             opt_state = torch.load(os.path.join(state_dir, "trainer.pt"), map_location="cpu", weights_only=False)
             self.optimizer.load_state_dict(opt_state["optimizer"])
