@@ -7,6 +7,7 @@ measured side by side in one run. Each entry prints `name: value` lines.
     python bench.py finetune   full / LoRA / long-context fine-tuning vs transformers + peft (GPU; CPU smoke)
     python bench.py quant      our GPTQ vs GPTQModel: time, perplexity, size
     python bench.py data       data_process.py throughput and memory vs raw sentencepiece (CPU)
+    python bench.py scaling    DeepSpeed tokens/s on 1 GPU vs N GPUs vs N GPUs as two loopback "nodes" (GPUs)
     python bench.py all        all of the above with their defaults (--<entry>_args passes flags to one)
 
 `--out FILE` (before the entry name) also appends the lines to FILE, which plot_figures.py draws as a table.

@@ -6,4 +6,4 @@
 Shared timing and memory helpers live in common.py. The modules import the flat stage scripts (model.py,
 trainer.py, ...) from the repo root, which bench.py puts on sys.path.
 """
-NAMES = ["attn", "train", "decode", "finetune", "quant", "data"]
+NAMES = ["attn", "train", "decode", "finetune", "quant", "data", "scaling"]

@@ -49,7 +49,7 @@ def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-@pytest.mark.parametrize("entry", ["attn", "train", "decode"])
+@pytest.mark.parametrize("entry", ["attn", "train", "decode", "scaling"])
 def test_gpu_entries_refuse_in_one_line_without_cuda(entry, no_cuda):
     with pytest.raises(SystemExit) as e:
         bench.main([entry])

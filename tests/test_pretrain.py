@@ -163,6 +163,21 @@ def test_deepspeed_resumes_on_another_rank_count(corpus, reference, tmp_path):
     assert_same_losses(losses(ds), reference, name="ZeRO-2 saved on 2 ranks, resumed on 1")
 
 
+def test_bench_scaling_launches_on_cpu(corpus, tmp_path):
+    """bench.py scaling with CPU ranks: 1 rank, 2 ranks, and 2 ranks started as two loopback "nodes"
+    (two deepspeed launchers, --no_ssh, node ranks 0 and 1) that form one job on different devices."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "scaling", "--device", "cpu", "--gpus", "2",
+                        "--model", "tiny", "--data", corpus["train"], "--seq_len", "64", "--batch_size", "2",
+                        "--steps", "4", "--log_interval", "1", "--master_port", str(free_port()),
+                        "--out_dir", str(tmp_path)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = dict(line.split(": ", 1) for line in p.stdout.splitlines() if ": " in line)
+    for name in ("scaling_1gpu_tokens/s", "scaling_2gpu_tokens/s", "scaling_2x1gpu_nodes_tokens/s"):
+        assert float(got[name]) > 0, name
+    assert "world_size: 2" in (tmp_path / "2x1gpu_nodes_node0.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES=1" in (tmp_path / "2x1gpu_nodes_node1.log").read_text()
+
+
 @pytest.mark.slow
 def test_sigterm_then_resume_replays_exactly(corpus, tmp_path):
     straight = str(tmp_path / "straight")
