@@ -384,12 +384,14 @@ def to_universal(state_dir, main: bool):
     so it reloads only on the rank count that wrote it. Its "universal" form stores every parameter's
     weight and moments whole (state/deepspeed_universal/), which any rank count can slice again.
     Rank 0 converts once (to a temp name, then renamed); the other ranks wait."""
-    out = os.path.join(state_dir, "deepspeed_universal", "ds")
+    src, out = os.path.join(state_dir, "deepspeed", "ds"), os.path.join(state_dir, "deepspeed_universal", "ds")
+    if not os.path.isdir(src):
+        raise SystemExit(f"--resume: {state_dir}/deepspeed holds no DeepSpeed checkpoint")
     if main and not os.path.isdir(out):
         from deepspeed.checkpoint import ds_to_universal
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        conversion = argparse.Namespace(input_folder=os.path.join(state_dir, "deepspeed", "ds"), output_folder=tmp,
+        conversion = argparse.Namespace(input_folder=src, output_folder=tmp,
                                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                         strict=True, inject_missing_state=True)
         with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not ours
