@@ -619,8 +619,13 @@ class Trainer:
             if self.universal:
                 print0(f"resume: DeepSpeed checkpoint from {state['world_size']} ranks, now {d.world_size}: "
                        "re-partitioned from its universal form")
+            # ZeRO-3's universal loader copies the first param group's settings onto every group, which would
+            # put weight decay on the norms: the groups keep their own (the schedule sets lr every step)
+            decay = [g["weight_decay"] for g in self.optimizer.param_groups]
             path, _ = self.engine.load_checkpoint(os.path.join(state_dir, folder), tag="ds",
                                                   load_lr_scheduler_states=False)
+            for g, wd in zip(self.optimizer.param_groups, decay):
+                g["weight_decay"] = wd
             if path is None:
                 raise SystemExit(f"--resume: {state_dir}/{folder} holds no DeepSpeed checkpoint")
         else:

@@ -153,14 +153,15 @@ def test_ddp_and_deepspeed_zero2_match_one_process(corpus, reference, tmp_path):
     assert_same_losses(losses(ds), reference, name="DeepSpeed ZeRO-2 resumed at step 3")
 
 
-def test_deepspeed_resumes_on_another_rank_count(corpus, reference, tmp_path):
-    """ZeRO-2 saved by 2 ranks, resumed by 1 with the same global batch (2 rows x 4 micro-steps): through
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resumes_on_another_rank_count(corpus, reference, tmp_path, stage):
+    """ZeRO saved by 2 ranks, resumed by 1 with the same global batch (2 rows x 4 micro-steps): through
     the universal checkpoint the weights and Adam's moments are re-partitioned, so steps 4 and 5 replay."""
-    ds, cfg = str(tmp_path / "ds"), os.path.join(REPO, "configs", "ds_zero2.json")
+    ds, cfg = str(tmp_path / "ds"), os.path.join(REPO, "configs", f"ds_zero{stage}.json")
     run("deepspeed", corpus, ds, 3, batch_size=2, grad_accum=2, deepspeed_config=cfg)
     p = run("deepspeed", corpus, ds, 5, nproc=1, resume="True", batch_size=2, grad_accum=4, deepspeed_config=cfg)
     assert "from 2 ranks, now 1" in p.stdout
-    assert_same_losses(losses(ds), reference, name="ZeRO-2 saved on 2 ranks, resumed on 1")
+    assert_same_losses(losses(ds), reference, name=f"ZeRO-{stage} saved on 2 ranks, resumed on 1")
 
 
 def test_bench_scaling_launches_on_cpu(corpus, tmp_path):
