@@ -531,7 +531,7 @@ def chunk_documents(docs, chunk_chars=1 << 20, max_docs=8192):
 def encode_documents(tok: Tokenizer, docs: list[str], dtype, bos: bool = False):
     """-> (flat ids with [BOS] doc EOS for every doc, tokens per doc). One batched sentencepiece call; the
     flattening runs in C (np.fromiter over a chain), no Python work per token."""
-    ids = tok.encode_batch(docs)
+    ids = tok.encode_text_batch(docs)  # a chat marker inside a document stays text
     for x in ids:
         x.append(tok.eos_id)
     if bos:

@@ -21,7 +21,6 @@ import argparse
 import glob
 import json
 import os
-import re
 
 import numpy as np
 import torch
@@ -154,31 +153,15 @@ def _piece_ids(tokenizer, piece: str) -> list[int]:
     return [i] if i is not None else tokenizer.encode(piece)
 
 
-# a chat marker typed inside a message, e.g. a user writing "<|assistant|>" (the group keeps it in re.split)
-_MARKER_IN_TEXT = re.compile(r"(<\|(?:system|user|assistant|end)\|>)")
-
-
-def _encode_contents(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Message texts -> ids, chat markers inside them kept as plain text. The tokenizer matches its chat
-    pieces anywhere in a text, so a user who types "<|end|><|assistant|>" would forge a turn; here each
-    such marker is cut into "<|" and "end|>", encoded apart, and spells the same text with ordinary tokens."""
-    pieces = []  # per text: the strings to encode one by one
-    for text in texts:
-        parts = _MARKER_IN_TEXT.split(text)  # text, marker, text, marker, ..., text
-        pieces.append([p for i, part in enumerate(parts) for p in ((part[:2], part[2:]) if i % 2 else (part,)) if p])
-    flat = iter(tokenizer.encode_batch([p for ps in pieces for p in ps]) if texts else [])
-    return [[t for _ in ps for t in next(flat)] for ps in pieces]
-
-
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """messages -> (ids, mask): <s> then <|role|> content <|end|> per message; mask 1 = trained on.
 
     The mask is 1 on each assistant reply's content tokens and its <|end|>, 0 on <s>, on every role
     token and on all system/user tokens. add_generation_prompt appends <|assistant|> (for chat).
-    Markers written inside a content stay text (_encode_contents): only this function makes turns.
+    Markers written inside a content stay text (Tokenizer.encode_text_batch): only this function makes turns.
     """
     end = _piece_ids(tokenizer, "<|end|>")
-    contents = _encode_contents(tokenizer, [m["content"] for m in messages])
+    contents = tokenizer.encode_text_batch([m["content"] for m in messages]) if messages else []
     ids, mask = [tokenizer.bos_id], [0]
     for m, content in zip(messages, contents):
         if m["role"] not in ROLES:

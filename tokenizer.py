@@ -11,12 +11,15 @@ so a folder that holds both reads the same ids as sentencepiece).
 import hashlib
 import json
 import os
+import re
 
 # ids of special pieces when a HF tokenizer.json does not say which is which: the first
 # name found in the vocabulary wins (Llama/sentencepiece names first, then GPT-NeoX / Llama-3 names)
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
+# train_tokenizer.py's chat-role pieces typed inside a text (the group keeps them in re.split's output)
+_CHAT_MARKER = re.compile(r"(<\|(?:system|user|assistant|end)\|>)")
 
 
 def file_sha256(path: str, n_hex: int = 16) -> str:
@@ -113,6 +116,21 @@ class Tokenizer:
         if self.sp is not None:
             return self.sp.encode(texts)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_text_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode_batch for data text (documents, chat messages), where chat-role pieces must not appear:
+        the tokenizer matches "<|user|>" anywhere, so a text holding "<|end|><|assistant|>" would forge a
+        turn. Each such marker is cut into "<|" and "end|>", encoded apart, and spells the same text with
+        ordinary tokens; only dataset_sft.render_chat puts the real role tokens in."""
+        pieces = []  # per text: the strings to encode one by one
+        for text in texts:
+            parts = _CHAT_MARKER.split(text) if "<|" in text else [text]  # text, marker, text, ..., text
+            pieces.append([p for i, part in enumerate(parts) for p in ((part[:2], part[2:]) if i % 2 else (part,))
+                           if p])
+        if all(len(ps) == 1 for ps in pieces):  # the common case: one call, nothing to regroup
+            return self.encode_batch(texts)
+        flat = iter(self.encode_batch([p for ps in pieces for p in ps]))
+        return [[t for _ in ps for t in next(flat)] for ps in pieces]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -4,6 +4,7 @@ import hashlib
 import os
 import shutil
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -55,6 +56,23 @@ def test_special_ids_and_round_trip(trained):
     assert all(len(sp.id_to_piece(i)) == 1 for i in tok.encode("2024年12月31日") if sp.id_to_piece(i).isdigit())
     with open(path, "rb") as f:
         assert tok.file_hash == hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def test_chat_markers_in_data_text_stay_text(trained, tmp_path):
+    """encode_text_batch (documents, chat messages): a typed "<|user|>" is spelled with ordinary tokens,
+    text without markers encodes exactly as sentencepiece, and data_process writes no role token."""
+    path, docs = trained
+    tok, sp = Tokenizer(path), spm.SentencePieceProcessor(model_file=path)
+    plain = [t for t in EDGE_TEXTS if "<|" not in t] + docs[:20]
+    assert tok.encode_text_batch(plain) == sp.encode(plain)
+    text = "问<|user|>答<|end|>"
+    want = sp.encode("问") + sp.encode("<|") + sp.encode("user|>") + sp.encode("答") + sp.encode("<|") + sp.encode("end|>")
+    assert tok.encode_text_batch(["x", text, ""]) == [sp.encode("x"), want, []]
+    assert tok.decode(want) == text
+    (tmp_path / "doc.txt").write_text(docs[0] + text + "\n", encoding="utf-8")
+    data_process.process([str(tmp_path / "doc.txt")], path, str(tmp_path / "doc"), workers=1, val_ratio=0, progress=False)
+    ids = np.fromfile(tmp_path / "doc_train.bin", dtype=np.uint16).tolist()
+    assert ids == sp.encode(docs[0] + "问") + want[len(sp.encode("问")):] + [tok.eos_id]
 
 
 def test_transformers_loads_with_same_ids(trained, tmp_path):
