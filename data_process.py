@@ -503,8 +503,11 @@ def imap_ordered(fn, tasks, workers: int = 1, initializer=None, initargs=(), in_
     # process: a fork copies locks that other threads (torch's, a Rust tokenizer's) may hold at that
     # instant, and a worker that inherits a held lock hangs forever. The server imports the main script
     # and this module once; each worker is forked from it ready to run.
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    ctx.set_forkserver_preload(["__main__", __name__])
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__", __name__])
+    else:
+        ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer, initargs) as pool:
         pending = collections.deque()
         for task in tasks:

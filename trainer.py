@@ -374,9 +374,10 @@ class StopSignal:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def saved_world_size(ckpt) -> int:
+def read_meta(ckpt) -> dict:
+    """A checkpoint's state/meta.json: step, tokens seen, skipped steps, rows per step, world size, args."""
     with open(os.path.join(ckpt, "state", "meta.json")) as f:
-        return json.load(f)["world_size"]
+        return json.load(f)
 
 
 def to_universal(state_dir, main: bool):
@@ -426,7 +427,7 @@ class Trainer:
         if args.use_deepspeed:
             import deepspeed
             cfg = deepspeed_config(args, d.world_size, self.dtype)
-            self.universal = ckpt is not None and saved_world_size(ckpt) != d.world_size
+            self.universal = ckpt is not None and read_meta(ckpt)["world_size"] != d.world_size
             if self.universal:
                 to_universal(os.path.join(ckpt, "state"), d.is_main)
                 cfg["checkpoint"] = {"load_universal": True}
@@ -611,9 +612,7 @@ class Trainer:
 
     def load_state(self, ckpt):
         d = self.dist
-        state_dir = os.path.join(ckpt, "state")
-        with open(os.path.join(state_dir, "meta.json")) as f:
-            state = json.load(f)
+        state_dir, state = os.path.join(ckpt, "state"), read_meta(ckpt)
         if self.engine is not None:
             folder = "deepspeed_universal" if self.universal else "deepspeed"
             if self.universal:
