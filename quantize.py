@@ -129,11 +129,12 @@ class QuantLinear(nn.Module):
         return layer
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The (out, in) weight: W^T[i, o] = scales[g, o] * (q[i, o] - zero[g, o]) with g = g_idx[i]."""
+        """The (out, in) weight: W^T[i, o] = scales[g, o] * (q[i, o] - zero[g, o]) with g = g_idx[i], computed in
+        fp32 (bf16 would drop 3 of the fp16 scale's mantissa bits) and then cast to dtype."""
         q = unpack_rows(self.qweight, self.bits)
         zeros = decode_qzeros(self.qzeros, self.bits, self.checkpoint_format)
         g = self.g_idx.long()
-        return (self.scales[g].to(dtype) * (q - zeros[g]).to(dtype)).t()
+        return (self.scales[g].float() * (q - zeros[g]).float()).t().to(dtype)
 
     def forward(self, x):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -192,7 +193,9 @@ def group_params(w: torch.Tensor, bits: int, sym: bool):
         xmin = -xmax
     flat = (xmax - xmin) == 0  # an all-zero row: any grid works, take [-1, 1]
     xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
-    scale = ((xmax - xmin) / maxq).half().float().clamp(min=2 ** -24)  # 2^-24: the smallest fp16 (subnormal)
+    # times 1/maxq rather than / maxq: torch on CUDA turns a division by a Python number into that product, so
+    # written out, the CPU, the GPU and the Triton kernel below all round alike
+    scale = ((xmax - xmin) * (1 / maxq)).half().float().clamp(min=2 ** -24)  # 2^-24: the smallest fp16 (subnormal)
     zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
 
@@ -201,6 +204,103 @@ def quantize_column(w, scale, zero, bits):
     """Round to the grid: q = clamp(round(w / scale) + zero, 0, maxq); returns q and dequantized scale * (q - zero)."""
     q = torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
     return q, scale * (q - zero)
+
+
+def gptq_block(W1, U1, scales, zeros, group_size, bits, sym):
+    """GPTQ inside one block of columns, one column after another (W1 is updated in place). scales / zeros
+    (out, groups of this block) are filled at each group's first column; with group_size <= 0 they hold the
+    row's one grid already. Returns the block's integer weights and its scaled errors Err (out, block)."""
+    Q1, Err = torch.zeros_like(W1), torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        g = i // group_size if group_size > 0 else 0
+        if group_size > 0 and i % group_size == 0:  # first column of a group: its grid from the corrected weights
+            scales[:, g], zeros[:, g] = group_params(W1[:, i:i + group_size], bits, sym)
+        w = W1[:, i]
+        Q1[:, i], dq = quantize_column(w, scales[:, g], zeros[:, g], bits)
+        Err[:, i] = err = (w - dq) / U1[i, i]
+        W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+    return Q1, Err
+
+
+# The loop above launches a dozen tiny kernels per column; on a GPU that is most of GPTQ's time. Rows are
+# independent inside a block (U1 is shared, each row has its own grid and errors), so one Triton program can
+# run the same column loop for a tile of rows with the whole tile held in registers: one launch per block.
+# It follows gptq_block step for step, with the same roundings (fp16 scales, round half to even, IEEE division,
+# no fused multiply-add), so both give the same integers; tests/test_quantize.py checks that on a GPU.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def use_triton(W, width):
+    return triton is not None and W.is_cuda and width <= 256
+
+
+if triton is not None:
+    @triton.jit
+    def _round_half_even(x):
+        f = tl.floor(x)
+        odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+        return tl.where(x - f > 0.5, f + 1.0, tl.where((x - f == 0.5) & odd, f + 1.0, f))
+
+    @triton.jit
+    def _gptq_block_kernel(W, U, Q, E, S, Z, rows, width, n_groups, GS: tl.constexpr, C: tl.constexpr,
+                           MAXQ: tl.constexpr, SYM: tl.constexpr, BLOCK_R: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, C)
+        tile = (r[:, None] < rows) & (c[None, :] < width)
+        w = tl.load(W + r[:, None] * width + c[None, :], mask=tile, other=0.0)  # (rows of this program, block)
+        q_out = tl.zeros([BLOCK_R, C], tl.float32)
+        e_out = tl.zeros([BLOCK_R, C], tl.float32)
+        scale = tl.load(S + r * n_groups, mask=r < rows, other=1.0)  # GS == 0: the row's one grid, given
+        zero = tl.load(Z + r * n_groups, mask=r < rows, other=0.0)
+        for i in range(width):
+            if GS > 0:
+                if i % GS == 0:  # group_params on the columns i .. i + GS - 1, as they are now
+                    grp = (c[None, :] >= i) & (c[None, :] < i + GS) & tile
+                    xmin = tl.minimum(tl.min(tl.where(grp, w, float("inf")), axis=1), 0.0)
+                    xmax = tl.maximum(tl.max(tl.where(grp, w, float("-inf")), axis=1), 0.0)
+                    if SYM:
+                        xmax = tl.maximum(-xmin, xmax)
+                        xmin = -xmax
+                    flat = (xmax - xmin) == 0.0
+                    xmin = tl.where(flat, -1.0, xmin)
+                    xmax = tl.where(flat, 1.0, xmax)
+                    scale = ((xmax - xmin) * (1.0 / MAXQ)).to(tl.float16).to(tl.float32)
+                    scale = tl.maximum(scale, 2.0 ** -24)
+                    if SYM:
+                        zero = tl.zeros_like(scale) + (MAXQ + 1) // 2
+                    else:
+                        zero = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(-xmin, scale)), 0.0), MAXQ)
+                    tl.store(S + r * n_groups + i // GS, scale, mask=r < rows)
+                    tl.store(Z + r * n_groups + i // GS, zero, mask=r < rows)
+            col = c[None, :] == i
+            wi = tl.sum(tl.where(col, w, 0.0), axis=1)  # column i
+            q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(wi, scale)) + zero, 0.0), MAXQ)
+            err = tl.math.div_rn(wi - scale * (q - zero), tl.load(U + i * width + i))
+            u = tl.load(U + i * width + c, mask=(c >= i) & (c < width), other=0.0)  # row i of U1 from column i on
+            w = w - err[:, None] * u[None, :]
+            q_out = tl.where(col, q[:, None], q_out)
+            e_out = tl.where(col, err[:, None], e_out)
+        tl.store(Q + r[:, None] * width + c[None, :], q_out, mask=tile)
+        tl.store(E + r[:, None] * width + c[None, :], e_out, mask=tile)
+
+
+def gptq_block_triton(W1, U1, scales, zeros, group_size, bits, sym):
+    """gptq_block as one Triton launch (W1 is not updated: only Q1 and Err leave the kernel)."""
+    rows, width = W1.shape
+    Q1, Err = torch.empty_like(W1), torch.empty_like(W1)
+    S, Z = scales.contiguous(), zeros.contiguous()
+    C = triton.next_power_of_2(width)
+    BLOCK_R = 32 if C <= 128 else 16
+    _gptq_block_kernel[(triton.cdiv(rows, BLOCK_R),)](
+        W1.contiguous(), U1.contiguous(), Q1, Err, S, Z, rows, width, S.shape[1], max(group_size, 0), C,
+        2 ** bits - 1, sym, BLOCK_R, enable_fp_fusion=False)
+    scales.copy_(S)
+    zeros.copy_(Z)
+    return Q1, Err
 
 
 # ----------------------------------------------------------------------------- GPTQ for one layer
@@ -256,22 +356,14 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, bits=4, group_size=
     # A block holds whole groups, so a group's grid is always taken from its up-to-date weights.
     if group_size > 0:
         blocksize = gs * max(1, blocksize // gs)
+    else:  # one grid per row, from the weights before any update
+        scales[:, 0], zeros[:, 0] = group_params(W, bits, sym)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if j % gs == 0:  # first column of a group: fix its grid from the (already error-corrected) weights
-                g = j // gs
-                scales[:, g], zeros[:, g] = group_params(W1[:, i:i + gs] if group_size > 0 else W, bits, sym)
-            w = W1[:, i]
-            q, dq = quantize_column(w, scales[:, j // gs], zeros[:, j // gs], bits)
-            Q[:, j] = q
-            err = (w - dq) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err[:, i] = err
+        groups = slice(i1 // gs, math.ceil(i2 / gs)) if group_size > 0 else slice(0, 1)
+        block = gptq_block_triton if use_triton(W, i2 - i1) else gptq_block
+        Q[:, i1:i2], Err = block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], scales[:, groups], zeros[:, groups],
+                                 group_size, bits, sym)
         W[:, i2:] -= Err @ U[i1:i2, i2:]
 
     inv = torch.argsort(perm)  # back to the original input order
@@ -353,31 +445,40 @@ def quantize_model(model, calib, bits=4, group_size=128, sym=True, desc_act=Fals
     errors = {}
     for block in tqdm(model.layers, desc=f"{method} blocks"):
         prefix = block_names[id(block)]
+        quantized = {}
         for names in sequential_stages(block, *inputs[0]):
-            # H = 2/n sum_x x x^T over every token of every calibration window, gathered by forward hooks
+            # H = 2/n sum_x x x^T over every token of every calibration window, gathered by a forward hook; the
+            # layers of a stage share their input, so one H serves them all
             linears = {n: block.get_submodule(n) for n in names}
-            H = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in linears.items()}
-            count = {n: 0 for n in names}
+            first = linears[names[0]]
+            H = torch.zeros(first.in_features, first.in_features, device=first.weight.device)
+            count = 0
 
-            def accumulate(m, a, out, name):
+            def accumulate(m, a, out):
+                nonlocal H, count
                 x = a[0].reshape(-1, a[0].shape[-1]).float()
-                H[name] += x.t() @ x
-                count[name] += x.shape[0]
+                H += x.t() @ x
+                count += x.shape[0]
 
-            hooks = [m.register_forward_hook(lambda m, a, o, n=n: accumulate(m, a, o, n)) for n, m in linears.items()]
+            hook = first.register_forward_hook(accumulate)
             for args, kwargs in inputs:
                 run_block(block, args, kwargs)
-            for h in hooks:
-                h.remove()
+            hook.remove()
+            H *= 2 / count
             for n, m in linears.items():
-                Hn = H.pop(n) * (2 / count[n])
-                q, scales, zeros, g_idx = quantize_weight(m.weight, Hn if method == "gptq" else None, bits,
+                q, scales, zeros, g_idx = quantize_weight(m.weight, H if method == "gptq" else None, bits,
                                                           group_size, sym, desc_act, percdamp)
-                errors[f"{prefix}.{n}"] = relative_error(m.weight, dequantize_weight(q, scales, zeros, g_idx), Hn)
-                _set_module(block, n, QuantLinear.from_quantized(q, scales, zeros, g_idx, m.bias, bits,
-                                                                 group_size, checkpoint_format))
+                dq = dequantize_weight(q, scales, zeros, g_idx)
+                errors[f"{prefix}.{n}"] = relative_error(m.weight, dq, H)
+                quantized[n] = QuantLinear.from_quantized(q, scales, zeros, g_idx, m.bias, bits, group_size,
+                                                          checkpoint_format)
+                # until the block is done the Linear keeps the dequantized weight: what QuantLinear computes,
+                # without unpacking the integers again in every forward of the later stages
+                m.weight.data = dq.to(m.weight.dtype)
         # the next block's inputs: this block's outputs with its weights quantized
         inputs = [((run_block(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        for n, layer in quantized.items():
+            _set_module(block, n, layer)
     return errors
 
 
