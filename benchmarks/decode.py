@@ -20,7 +20,13 @@ from benchmarks.common import best_wall_s, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
+ENTRIES = ["ours", "ours_eager", "hf_dynamic", "hf_static"]
+
+
 def run(args):
+    entries = args.entries.split(",")
+    if set(entries) - set(ENTRIES):
+        raise SystemExit(f"bench.py decode --entries: unknown {sorted(set(entries) - set(ENTRIES))} (of {ENTRIES})")
     require_cuda("decode")
     from transformers import AutoModelForCausalLM
 
@@ -56,18 +62,21 @@ def run(args):
 
             for name, fn, warmup in [("ours", ours, 2), ("ours_eager", lambda: ours(decoder_eager), 1),
                                      ("hf_dynamic", hf_generate, 1)]:
+                if name not in entries:
+                    continue
                 for _ in range(warmup):  # compile + CUDA graph recording happen here
                     fn()
                 print(f"{tag}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
-            # transformers' static cache + compiled forward (its docs' recipe); compiled last so that the
-            # dynamic-cache run above measured the plain model
-            hf.generation_config.cache_implementation = "static"
-            eager_forward = hf.forward
-            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-            for _ in range(2):
-                hf_generate()
-            print(f"{tag}_hf_static_tok/s: {B * n_new / best_wall_s(hf_generate, args.repeats):.0f}")
-            hf.forward, hf.generation_config.cache_implementation = eager_forward, None
+            if "hf_static" in entries:
+                # transformers' static cache + compiled forward (its docs' recipe); compiled last so that the
+                # dynamic-cache run above measured the plain model
+                hf.generation_config.cache_implementation = "static"
+                eager_forward = hf.forward
+                hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+                for _ in range(2):
+                    hf_generate()
+                print(f"{tag}_hf_static_tok/s: {B * n_new / best_wall_s(hf_generate, args.repeats):.0f}")
+                hf.forward, hf.generation_config.cache_implementation = eager_forward, None
             del decoder, decoder_eager
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf
@@ -77,6 +86,8 @@ def run(args):
 def add_args(p):
     p.add_argument("--presets", default="350m,1.1b", help="comma-separated model.py presets to measure")
     p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--entries", default=",".join(ENTRIES),
+                   help="comma-separated subset to run (the eager ones take minutes at ~40 tok/s)")
     p.add_argument("--new_tokens", type=int, default=256, help="tokens generated per sequence")
     p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens per sequence (random ids)")
     p.add_argument("--vocab_size", type=int, default=32000, help="vocabulary of the random model")
