@@ -235,6 +235,7 @@ except ImportError:
 
 
 def use_triton(W, width):
+    """The kernel keeps a tile of rows x (block width rounded up to a power of 2) in registers: up to 256."""
     return triton is not None and W.is_cuda and width <= 256
 
 
@@ -248,6 +249,8 @@ if triton is not None:
     @triton.jit
     def _gptq_block_kernel(W, U, Q, E, S, Z, rows, width, n_groups, GS: tl.constexpr, C: tl.constexpr,
                            MAXQ: tl.constexpr, SYM: tl.constexpr, BLOCK_R: tl.constexpr):
+        # this program: rows r of the block W (rows, width), all its columns c; registers cannot be indexed by a
+        # loop variable, so column i is read by masking the tile with c == i and summing over the columns
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.arange(0, C)
         tile = (r[:, None] < rows) & (c[None, :] < width)
