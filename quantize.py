@@ -363,7 +363,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, bits=4, group_size=
         scales[:, 0], zeros[:, 0] = group_params(W, bits, sym)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        groups = slice(i1 // gs, math.ceil(i2 / gs)) if group_size > 0 else slice(0, 1)
+        groups = slice(i1 // gs, math.ceil(i2 / gs))  # the grids of this block's groups (one with gs = cols)
         block = gptq_block_triton if use_triton(W, i2 - i1) else gptq_block
         Q[:, i1:i2], Err = block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], scales[:, groups], zeros[:, groups],
                                  group_size, bits, sym)

@@ -149,12 +149,11 @@ def test_matches_gptqmodel_gptq_on_one_layer(trained, desc_act):
     assert same.float().mean() > 0.8  # ~90% seen: one differently rounded column changes the later updates
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,group_size,sym,desc_act,cols", [
     (4, 128, True, False, 512), (4, 128, True, True, 512), (3, 32, False, False, 352), (2, 64, False, True, 256),
     (8, -1, True, False, 256), (4, 256, False, False, 768)])
-def test_triton_block_equals_torch_loop(bits, group_size, sym, desc_act, cols):
+def test_triton_block_equals_torch_loop(bits, group_size, sym, desc_act, cols, monkeypatch):
     """On a GPU every block runs as one Triton kernel; it must give the integers, grids and errors of the
     readable column loop (gptq_block), which the tests above hold to the paper. Same roundings: exact."""
     import quantize
@@ -166,12 +165,8 @@ def test_triton_block_equals_torch_loop(bits, group_size, sym, desc_act, cols):
     X[:, 5] = 0  # a dead input
     H = 2 * X.t() @ X / X.shape[0]
     fast = quantize_weight(W, H, bits, group_size, sym, desc_act)
-    plain = quantize.use_triton
-    try:
-        quantize.use_triton = lambda W, width: False
-        slow = quantize_weight(W, H, bits, group_size, sym, desc_act)
-    finally:
-        quantize.use_triton = plain
+    monkeypatch.setattr(quantize, "use_triton", lambda W, width: False)
+    slow = quantize_weight(W, H, bits, group_size, sym, desc_act)
     for name, a, b in zip(("q", "scales", "zeros", "g_idx"), fast, slow):
         assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} of {a.numel()} differ"
 
