@@ -17,7 +17,7 @@ from benchmarks.common import peak_gib, require_cuda, reset_peak, time_steps
 from model import ModelArgs, Transformer, hf_config
 from trainer import PEAK_FLOPS, peak_flops
 
-DEFAULT_CONFIGS = "350m:2048:8,1.1b:2048:4,baby:512:32"
+DEFAULT_CONFIGS = "1.1b:2048:8,350m:2048:16,baby:512:32"
 
 
 def time_training(model, forward_loss, batch, steps, warmup):
