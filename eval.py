@@ -210,7 +210,7 @@ class Decoder:
     as a tensor, the cache length is rounded up to a bucket (chats of similar length share one graph), and
     the cache tensors are marked static so the graph may write them in place."""
 
-    def __init__(self, model, compile=False, bucket=256):
+    def __init__(self, model, compile=False, bucket=256, compile_prefill=True):
         self.model, self.bucket = model, bucket
         self.compiled = compile and next(model.parameters()).is_cuda
         if self.compiled:
@@ -222,7 +222,7 @@ class Decoder:
         # the prompt pass is compiled too, without a CUDA graph: prompt lengths vary, so after the second
         # length dynamo compiles one graph with a symbolic length. Eager, the ~300 small kernels of a forward
         # cost ~25 ms of Python launches (350m preset), a tenth of the time to generate 256 tokens.
-        self._compiled_prefill = torch.compile(self._prefill) if self.compiled else None
+        self._compiled_prefill = torch.compile(self._prefill) if self.compiled and compile_prefill else None
         self.cache = None
 
     def _step(self, tokens, cache, cache_pos):

@@ -2,6 +2,7 @@
 
 Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (prefill included in the time):
   ours          eval.py's loop: static KV cache, one-token step compiled into a CUDA graph
+  ours_eager_prefill  the same, with the prompt pass not compiled (eval.Decoder compile_prefill=False)
   ours_eager    the same loop without torch.compile
   hf_dynamic    transformers generate with its default dynamic cache
   hf_static     transformers generate with cache_implementation="static" and forward torch.compile'd
@@ -20,7 +21,7 @@ from benchmarks.common import best_wall_s, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
-ENTRIES = ["ours", "ours_eager", "hf_dynamic", "hf_static"]
+ENTRIES = ["ours", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
 
 
 def run(args):
@@ -46,6 +47,7 @@ def run(args):
         cfg = ev.GenerationConfig(max_new_tokens=n_new, stop_ids=[])  # no stop: always n_new tokens
         for B in [int(b) for b in args.batch_sizes.split(",")]:
             decoder, decoder_eager = ev.Decoder(model, compile=True), ev.Decoder(model)
+            decoder_eager_prefill = ev.Decoder(model, compile=True, compile_prefill=False)
             prompts = torch.randint(4, args.vocab_size, (B, args.prompt_len)).tolist()
             ids = torch.tensor(prompts, device="cuda")
             mask = torch.ones_like(ids)
@@ -60,7 +62,8 @@ def run(args):
                                   do_sample=False, pad_token_id=0, **kw)
                 assert out.shape[1] == args.prompt_len + n_new
 
-            for name, fn, warmup in [("ours", ours, 2), ("ours_eager", lambda: ours(decoder_eager), 1),
+            for name, fn, warmup in [("ours", ours, 2), ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
+                                     ("ours_eager", lambda: ours(decoder_eager), 1),
                                      ("hf_dynamic", hf_generate, 1)]:
                 if name not in entries:
                     continue
@@ -77,7 +80,7 @@ def run(args):
                     hf_generate()
                 print(f"{tag}_hf_static_tok/s: {B * n_new / best_wall_s(hf_generate, args.repeats):.0f}")
                 hf.forward, hf.generation_config.cache_implementation = eager_forward, None
-            del decoder, decoder_eager
+            del decoder, decoder_eager, decoder_eager_prefill
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf
         reset_peak()
