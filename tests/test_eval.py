@@ -319,6 +319,25 @@ def test_chat_prompt_is_render_chat(ckpt, monkeypatch):
     assert tok.token_id("<|end|>") in cfg.stop_ids
 
 
+@torch.no_grad()
+def test_compiled_prompt_pass_takes_any_length(ckpt):
+    """Decoder compiles the prompt pass without fixing its length: dynamo specialises on the first prompt
+    length, compiles one graph with a symbolic length at the second, and reuses it for every later one.
+    torch's counting backend (eager kernels) stands in for inductor, so this runs on CPU."""
+    from torch._dynamo.testing import CompileCounter
+    model = ckpt["model"]
+    dec, ref, counter = ev.Decoder(model), ev.Decoder(model), CompileCounter()
+    torch._dynamo.reset()
+    dec._compiled_prefill = torch.compile(dec._prefill, backend=counter)
+    for T in (5, 9, 13, 30):
+        ids = torch.randint(4, 100, (2, T))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0  # left padding
+        torch.testing.assert_close(dec.prefill(ids, mask, 8)[0], ref.prefill(ids, mask, 8)[0])
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_compiled_decode_matches_eager_on_gpu(ckpt):
     # fp32: in bf16 the fused kernels round differently and a random model's near-ties flip greedy picks
