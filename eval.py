@@ -586,7 +586,7 @@ def main(argv=None):
     gen.add_argument("--bad_words", default="[]", help="JSON list of strings that may never be generated")
     gen.add_argument("--seed", type=int, help="sampling seed (default: a fresh random one per request, printed)")
     gen.add_argument("--compile", action="store_true",
-                     help="CUDA: torch.compile the decode step into a CUDA graph (ignored on the CPU)")
+                     help="CUDA: torch.compile the decode step into a CUDA graph, and the prompt pass (ignored on the CPU)")
 
     pp = sub.add_parser("ppl", parents=[common], help="perplexity and bits per byte on a .bin token file")
     pp.add_argument("--data", required=True, help="token file X.bin (with its X.json) from data_process.py")
