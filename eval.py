@@ -220,7 +220,7 @@ class Decoder:
         self._compiled_step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
                                if self.compiled else None)
         # the prompt pass is compiled too, without a CUDA graph: prompt lengths vary, so after the second
-        # length dynamo compiles one graph with a symbolic length. Eager, the ~300 small kernels of a forward
+        # length dynamo compiles one graph with a symbolic length. Eager, the ~270 small kernels of a forward
         # cost ~25 ms of Python launches (350m preset), a tenth of the time to generate 256 tokens.
         self._compiled_prefill = torch.compile(self._prefill) if self.compiled and compile_prefill else None
         self.cache = None
