@@ -3,11 +3,13 @@ Training throughput on one GPU: our model vs transformers' LlamaForCausalLM, sam
 
     python bench.py train                       # presets 350m and 1.1b at seq 2048, baby at seq 512
     python bench.py train --configs 350m:2048:8  # preset:seq_len:batch
+    python bench.py train --sides ours,ours_fp32_residual,hf_compiled
 
 Both sides train the same way as pretrain.py does on a GPU: fp32 master weights, bf16 autocast,
 torch.compile, fused AdamW, a full optimizer step per iteration. Ours uses its fused / chunked
 cross-entropy (never materialises fp32 logits of the whole batch) and cuDNN / flash attention through
-sdpa; transformers uses its sdpa attention and its own loss on full logits.
+sdpa, and keeps its residual stream in bf16 (Transformer.bf16_residual; the side `ours_fp32_residual`
+leaves it in fp32 as autocast does); transformers uses its sdpa attention and its own loss on full logits.
 MFU = tokens/s * (6 N + 12 L H Q T) / peak (model.estimate_mfu, PaLM appendix B), peak from trainer.PEAK_FLOPS.
 Prints `name: value` lines, e.g. `train_1.1b_seq2048_b4_ours_tokens/s: 68500`.
 """
@@ -36,38 +38,42 @@ def time_training(model, forward_loss, batch, steps, warmup):
     return steps * x.numel() / dt, peak_gib()
 
 
+SIDES = ["ours", "ours_fp32_residual", "hf_compiled"]
+
+
 def bench_config(preset, seq_len, batch_size, args, peak):
     from transformers import LlamaConfig, LlamaForCausalLM
     margs = ModelArgs.preset(preset, max_seq_len=seq_len, attn_impl="auto")
     torch.manual_seed(0)
     x = torch.randint(0, margs.vocab_size, (batch_size, seq_len), device="cuda")
     y = torch.roll(x, -1, dims=1)
+    with torch.device("meta"):  # FLOPs per trained token from the shapes alone
+        flops_per_token = Transformer(margs).estimate_mfu(1.0, 1.0, seq_len=seq_len)
     results = {}
-
-    ours = Transformer(margs).cuda()
-    flops_per_token = ours.estimate_mfu(1.0, 1.0, seq_len=seq_len)  # FLOPs per trained token
-    compiled = torch.compile(ours)
-    results["ours"] = time_training(ours, lambda a, b: compiled(a, targets=b), (x, y), args.steps, args.warmup)
-    del ours, compiled
-    reset_peak()
-    torch._dynamo.reset()
-
-    cfg = LlamaConfig(**{k: v for k, v in hf_config(margs).items() if k not in ("architectures", "model_type")})
-    hf = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").cuda()
-    hf_compiled = torch.compile(hf)
-    # HF shifts labels itself: labels = inputs gives the same next-token task on T - 1 positions
-    results["hf_compiled"] = time_training(hf, lambda a, b: hf_compiled(input_ids=a, labels=a).loss, (x, y),
-                                           args.steps, args.warmup)
-    del hf, hf_compiled
-    reset_peak()
-    torch._dynamo.reset()
+    for side in args.sides.split(","):
+        if side.startswith("ours"):
+            model = Transformer(margs).cuda()
+            model.bf16_residual = side == "ours"  # ours_fp32_residual: the residual stream as autocast leaves it
+            compiled = torch.compile(model)
+            forward_loss = lambda a, b: compiled(a, targets=b)
+        else:
+            cfg = LlamaConfig(**{k: v for k, v in hf_config(margs).items() if k not in ("architectures", "model_type")})
+            model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").cuda()
+            compiled = torch.compile(model)
+            # HF shifts labels itself: labels = inputs gives the same next-token task on T - 1 positions
+            forward_loss = lambda a, b: compiled(input_ids=a, labels=a).loss
+        results[side] = time_training(model, forward_loss, (x, y), args.steps, args.warmup)
+        del model, compiled
+        reset_peak()
+        torch._dynamo.reset()
 
     name = f"train_{preset}_seq{seq_len}_b{batch_size}"
     for side, (tok_s, mem) in results.items():
         print(f"{name}_{side}_tokens/s: {tok_s:.0f}")
         print(f"{name}_{side}_mfu: {100 * tok_s * flops_per_token / peak:.1f}%" if peak else f"{name}_{side}_mfu: n/a")
         print(f"{name}_{side}_mem_gib: {mem:.1f}")
-    print(f"{name}_speedup: {results['ours'][0] / results['hf_compiled'][0]:.2f}")
+    if "ours" in results and "hf_compiled" in results:
+        print(f"{name}_speedup: {results['ours'][0] / results['hf_compiled'][0]:.2f}")
 
 
 def parse_configs(text):
@@ -84,6 +90,9 @@ def parse_configs(text):
 
 def run(args):
     configs = parse_configs(args.configs)  # bad flags fail before any GPU work
+    if set(args.sides.split(",")) - set(SIDES):
+        raise SystemExit(f"bench.py train --sides: unknown {sorted(set(args.sides.split(',')) - set(SIDES))} "
+                         f"(of {SIDES})")
     require_cuda("train")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
@@ -97,6 +106,9 @@ def run(args):
 
 def add_args(p):
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated preset:seq_len:batch_size")
+    p.add_argument("--sides", default="ours,hf_compiled",
+                   help=f"comma-separated models to time, of {','.join(SIDES)} (ours_fp32_residual: ours with "
+                        "the residual stream left in fp32 by autocast, as before the bf16 residual)")
     p.add_argument("--steps", type=int, default=20, help="timed training iterations per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, autotuning)")
     return p

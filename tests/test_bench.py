@@ -60,6 +60,8 @@ def test_gpu_entries_refuse_in_one_line_without_cuda(entry, no_cuda):
 def test_bad_flags_fail_before_gpu_work(no_cuda):
     with pytest.raises(SystemExit, match=r"--configs 350m:2048: expected preset:seq_len:batch"):
         bench.main(["train", "--configs", "350m:2048"])
+    with pytest.raises(SystemExit, match=r"--sides: unknown \['theirs'\]"):
+        bench.main(["train", "--sides", "ours,theirs"])
     with pytest.raises(SystemExit, match="exactly one of --model"):
         bench.main(["quant", "--data", "x.bin"])
 

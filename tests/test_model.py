@@ -247,6 +247,32 @@ def test_sampling_filters():
     assert not torch.equal(model.generate(x, 5, temperature=5.0), greedy)
 
 
+def test_bf16_autocast_keeps_the_residual_stream_in_bf16():
+    """Under bf16 autocast the blocks get a bf16 residual stream; with bf16_residual off, or under fp16, the
+    fp32 one autocast leaves. The logits stay those of the fp32 model within bf16 rounding."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny"))
+    x = torch.randint(0, 512, (2, 16))
+    seen = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+
+    def run(bf16_residual, dtype):
+        model.bf16_residual = bf16_residual
+        seen.clear()
+        with torch.autocast("cpu", dtype=dtype):
+            logits = model(x)
+        return logits, set(seen)
+
+    ref = model(x)
+    out, dtypes = run(True, torch.bfloat16)
+    assert dtypes == {torch.bfloat16}
+    assert run(False, torch.bfloat16)[1] == {torch.float32}
+    assert run(True, torch.float16)[1] == {torch.float32}
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=0)
+    assert not torch.equal(out, ref)
+
+
 def test_loss_is_cross_entropy_with_ignored_targets():
     model = tiny()
     x, y = tokens(T=30), tokens(T=30, seed=1)
