@@ -86,7 +86,8 @@ def main(argv=None):
     if args.out is None:
         go(args)
         return
-    with open(args.out, "a", encoding="utf-8") as f:
+    # line-buffered: a run stopped by a time limit keeps every line it printed
+    with open(args.out, "a", encoding="utf-8", buffering=1) as f:
         # a comment line per run says where the lines below came from (plot_figures.py skips `#` lines)
         f.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} bench.py {shlex.join(sys.argv[1:])}\n")
         stdout, sys.stdout = sys.stdout, Tee(sys.stdout, f)
