@@ -545,8 +545,8 @@ def chunked_cross_entropy(h, weight, targets, reduction="mean", chunk_tokens=409
 class Transformer(nn.Module):
     # Under bf16 autocast the fp32 master weights make the embedding output fp32, and every residual add
     # would stay fp32. Casting it keeps the residual stream in bf16 (as Megatron does by default): half the
-    # memory traffic of the norms and adds, and smaller saved activations. fp16 keeps fp32 (its range is
-    # too small for a residual stream). bench.py train measures both.
+    # memory traffic of the norms and adds, and smaller saved activations. fp16 keeps the fp32 stream: its
+    # range (max 65504) risks overflow in a residual sum. bench.py train --sides measures both.
     bf16_residual = True
 
     def __init__(self, args: ModelArgs):
