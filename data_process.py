@@ -139,7 +139,8 @@ def load_token_file(path: str, array: str | None = None):
     """(np.memmap of ids, meta) for X.bin / X.json / X; array="mask" gives the parallel X_mask.bin instead."""
     prefix = _prefix(path)
     if not os.path.isfile(prefix + ".json"):
-        raise SystemExit(f"{prefix}.json: meta file not found (token files are X.bin + X.json, made by data_process.py)")
+        what = "meta file not found" if os.path.isfile(prefix + ".bin") else "no such token file"
+        raise SystemExit(f"{path}: {what} (token files are X.bin + X.json, made by data_process.py)")
     with open(prefix + ".json", encoding="utf-8") as f:
         meta = json.load(f)
     if array is None:

@@ -263,3 +263,11 @@ def test_cli(tmp_path, tok_path, docs):
     for script in ("data_process.py", "train_tokenizer.py"):
         h = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert h.returncode == 0 and "--input" in h.stdout
+
+
+def test_missing_token_file_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match=r"nope.bin: no such token file \(token files are X.bin \+ X.json"):
+        dp.load_token_file(str(tmp_path / "nope.bin"))
+    (tmp_path / "half.bin").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"half.bin: meta file not found"):
+        dp.load_token_file(str(tmp_path / "half.bin"))
