@@ -12,6 +12,14 @@ def require_cuda(entry: str):
         raise SystemExit(f"bench.py {entry}: needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
+def pick(text: str, known: list[str], flag: str) -> list[str]:
+    """A comma-separated subset of `known` (an entry's --entries / --sides); anything else is a one-line exit."""
+    names = text.split(",")
+    if set(names) - set(known):
+        raise SystemExit(f"bench.py {flag}: unknown {sorted(set(names) - set(known))} (of {known})")
+    return names
+
+
 def sync(device="cuda"):
     """Wait for queued GPU work, so that a wall clock read afterwards includes it (no-op on CPU)."""
     if torch.device(device).type == "cuda":

@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 import eval as ev
-from benchmarks.common import best_wall_s, require_cuda, reset_peak
+from benchmarks.common import best_wall_s, pick, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
@@ -25,9 +25,7 @@ ENTRIES = ["ours", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"
 
 
 def run(args):
-    entries = args.entries.split(",")
-    if set(entries) - set(ENTRIES):
-        raise SystemExit(f"bench.py decode --entries: unknown {sorted(set(entries) - set(ENTRIES))} (of {ENTRIES})")
+    entries = pick(args.entries, ENTRIES, "decode --entries")
     require_cuda("decode")
     from transformers import AutoModelForCausalLM
 
@@ -62,21 +60,17 @@ def run(args):
                                   do_sample=False, pad_token_id=0, **kw)
                 assert out.shape[1] == args.prompt_len + n_new
 
+            # transformers' static cache: generate compiles its decode step itself (wrapping forward in
+            # torch.compile as well would compile twice, nested)
             for name, fn, warmup in [("ours", ours, 2), ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
                                      ("ours_eager", lambda: ours(decoder_eager), 1),
-                                     ("hf_dynamic", hf_generate, 1)]:
+                                     ("hf_dynamic", hf_generate, 1),
+                                     ("hf_static", lambda: hf_generate(cache_implementation="static"), 2)]:
                 if name not in entries:
                     continue
                 for _ in range(warmup):  # compile + CUDA graph recording happen here
                     fn()
                 print(f"{tag}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
-            if "hf_static" in entries:
-                # transformers' static cache: generate compiles its decode step itself (wrapping forward in
-                # torch.compile as well would compile twice, nested)
-                for _ in range(2):
-                    hf_generate(cache_implementation="static")
-                fn = lambda: hf_generate(cache_implementation="static")
-                print(f"{tag}_hf_static_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
             del decoder, decoder_eager, decoder_eager_prefill
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf

@@ -15,7 +15,7 @@ Prints `name: value` lines, e.g. `train_1.1b_seq2048_b4_ours_tokens/s: 68500`.
 """
 import torch
 
-from benchmarks.common import peak_gib, require_cuda, reset_peak, time_steps
+from benchmarks.common import peak_gib, pick, require_cuda, reset_peak, time_steps
 from model import ModelArgs, Transformer, hf_config
 from trainer import PEAK_FLOPS, peak_flops
 
@@ -41,7 +41,7 @@ def time_training(model, forward_loss, batch, steps, warmup):
 SIDES = ["ours", "ours_fp32_residual", "hf_compiled"]
 
 
-def bench_config(preset, seq_len, batch_size, args, peak):
+def bench_config(preset, seq_len, batch_size, sides, args, peak):
     from transformers import LlamaConfig, LlamaForCausalLM
     margs = ModelArgs.preset(preset, max_seq_len=seq_len, attn_impl="auto")
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def bench_config(preset, seq_len, batch_size, args, peak):
     with torch.device("meta"):  # FLOPs per trained token from the shapes alone
         flops_per_token = Transformer(margs).estimate_mfu(1.0, 1.0, seq_len=seq_len)
     results = {}
-    for side in args.sides.split(","):
+    for side in sides:
         if side.startswith("ours"):
             model = Transformer(margs).cuda()
             model.bf16_residual = side == "ours"  # ours_fp32_residual: the residual stream as autocast leaves it
@@ -90,9 +90,7 @@ def parse_configs(text):
 
 def run(args):
     configs = parse_configs(args.configs)  # bad flags fail before any GPU work
-    if set(args.sides.split(",")) - set(SIDES):
-        raise SystemExit(f"bench.py train --sides: unknown {sorted(set(args.sides.split(',')) - set(SIDES))} "
-                         f"(of {SIDES})")
+    sides = pick(args.sides, SIDES, "train --sides")
     require_cuda("train")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
@@ -101,7 +99,7 @@ def run(args):
     print(f"peak_bf16_tflops: {peak / 1e12:.0f}" if peak else f"peak_bf16_tflops: unknown (add it to trainer.PEAK_FLOPS: {sorted(PEAK_FLOPS)})")
     print(f"torch: {torch.__version__}")
     for preset, seq_len, batch in configs:
-        bench_config(preset, seq_len, batch, args, peak)
+        bench_config(preset, seq_len, batch, sides, args, peak)
 
 
 def add_args(p):

@@ -62,6 +62,8 @@ def test_bad_flags_fail_before_gpu_work(no_cuda):
         bench.main(["train", "--configs", "350m:2048"])
     with pytest.raises(SystemExit, match=r"--sides: unknown \['theirs'\]"):
         bench.main(["train", "--sides", "ours,theirs"])
+    with pytest.raises(SystemExit, match=r"decode --entries: unknown \['hf_fast'\]"):
+        bench.main(["decode", "--entries", "ours,hf_fast"])
     with pytest.raises(SystemExit, match="exactly one of --model"):
         bench.main(["quant", "--data", "x.bin"])
 
