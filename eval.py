@@ -10,9 +10,9 @@ Every checkpoint the repo writes loads here: a pretrain or SFT folder, a GPTQ fo
 Transformer.from_pretrained), or a base folder plus a LoRA adapter (`--adapter`, merged by peft).
 
 Decoding runs on model.py's static KV cache. The one-token step has fixed shapes (the cache slot is
-a tensor), so on a GPU `--compile` turns it into a CUDA graph with torch.compile(mode="reduce-overhead")
-(gpt-fast style): one graph replay per token instead of hundreds of kernel launches. On the CPU the same
-loop runs eagerly. Read top to bottom:
+a tensor), so on a GPU `--compile` records it as a CUDA graph (gpt-fast style): one graph replay per token
+instead of hundreds of kernel launches. The step inside is fast_decode.py's Triton kernels for a Llama,
+or the model's forward under torch.compile(mode="reduce-overhead"). On the CPU the same loop runs eagerly. Read top to bottom:
 
   loading        model + tokenizer (+ LoRA adapter merged)
   perplexity     windows over a .bin, nats -> ppl and bits per byte
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import fast_decode
 from data_process import check_token_file, load_token_file
 from dataset_sft import render_chat
 from model import Transformer, sample
@@ -204,15 +205,21 @@ def left_pad(prompts, pad_id):
 
 
 class Decoder:
-    """Owns the model's static KV cache and the one-token step. With compile=True (CUDA only) the step is
-    torch.compile(mode="reduce-overhead"): inductor fuses the small ops and the whole step is captured as a
-    CUDA graph and replayed each token. That needs fixed shapes and fixed addresses: the cache slot comes in
-    as a tensor, the cache length is rounded up to a bucket (chats of similar length share one graph), and
-    the cache tensors are marked static so the graph may write them in place."""
+    """Owns the model's static KV cache and the one-token step. With compile=True (CUDA only) the step runs
+    as a CUDA graph, recorded once and replayed each token, so that the GPU does not wait on Python between
+    its hundreds of small kernels (gpt-fast style). The graph needs fixed shapes and fixed addresses: the
+    cache slot comes in as a tensor, the cache length is rounded up to a bucket (chats of similar length
+    share one graph), and the cache tensors are updated in place. The step itself is either
+      - fast_decode's Triton kernels (five per layer), for a Llama with plain weights at batch <= 4,
+        recorded with torch.cuda.graph; or
+      - the model's forward under torch.compile(mode="reduce-overhead"): inductor fuses the small ops and
+        records the graph itself (any model, any batch size)."""
 
-    def __init__(self, model, compile=False, bucket=256, compile_prefill=True):
+    def __init__(self, model, compile=False, bucket=256, compile_prefill=True, kernels=True):
         self.model, self.bucket = model, bucket
         self.compiled = compile and next(model.parameters()).is_cuda
+        self.kernels = self.compiled and kernels and fast_decode.supported(model)
+        self._graph = None  # the kernels' step recorded: (cache, graph, its token and slot inputs, its logits)
         if self.compiled:
             # as gpt-fast: tune the block sizes of inductor's kernels, most of which read a weight matrix
             # once for a single token (memory-bound); measured ~1.8x faster decode on an H100 (350m preset)
@@ -232,13 +239,38 @@ class Decoder:
             return self.model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]
 
     def step(self, tokens, cache, cache_pos):
-        """Logits (B, vocab) of one new token per row, written to cache slot cache_pos (a 1-element tensor)."""
+        """Logits (B, vocab) of one new token per row, written to cache slot cache_pos (a 1-element tensor).
+        With compile=True they live in the graph's output buffer, overwritten by the next step."""
         if not self.compiled:
             return self._step(tokens, cache, cache_pos)
+        if self.kernels and tokens.shape[0] <= fast_decode.MAX_BATCH:
+            return self._kernels_step(tokens, cache, cache_pos)
         # a new replay overwrites the previous step's output buffers: tell the graph manager that the
         # caller is done with them (it has already sampled from those logits)
         torch.compiler.cudagraph_mark_step_begin()
         return self._compiled_step(tokens, cache, cache_pos)
+
+    def _kernels_step(self, tokens, cache, cache_pos):
+        if self._graph is None or self._graph[0] is not cache:
+            # first step on this cache (new_cache hands the same one back while the shape fits): run it for
+            # real on a side stream, which compiles the Triton kernels, then record the same step reading its
+            # inputs from fixed buffers (recording runs nothing)
+            tokens_in, pos_in = tokens.clone(), cache_pos.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
+            self._graph = (cache, graph, (tokens_in, pos_in), out)
+            return logits
+        _, graph, (tokens_in, pos_in), out = self._graph
+        tokens_in.copy_(tokens)
+        pos_in.copy_(cache_pos)
+        graph.replay()
+        return out
 
     def new_cache(self, batch_size, length):
         """A cache of >= length slots, reused (zeroed) when the shape matches: the CUDA graph recorded for
@@ -586,7 +618,8 @@ def main(argv=None):
     gen.add_argument("--bad_words", default="[]", help="JSON list of strings that may never be generated")
     gen.add_argument("--seed", type=int, help="sampling seed (default: a fresh random one per request, printed)")
     gen.add_argument("--compile", action="store_true",
-                     help="CUDA: torch.compile the decode step into a CUDA graph, and the prompt pass (ignored on the CPU)")
+                     help="CUDA: run the decode step as a CUDA graph (fast_decode.py's Triton kernels for a Llama at "
+                          "batch <= 4, else torch.compile'd) and compile the prompt pass (ignored on the CPU)")
 
     pp = sub.add_parser("ppl", parents=[common], help="perplexity and bits per byte on a .bin token file")
     pp.add_argument("--data", required=True, help="token file X.bin (with its X.json) from data_process.py")

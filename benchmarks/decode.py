@@ -1,7 +1,9 @@
 """Tokens/s of batch-1 (and batch-8) greedy decoding, ours vs transformers' generate.
 
 Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (prefill included in the time):
-  ours          eval.py's loop: static KV cache, one-token step compiled into a CUDA graph
+  ours          eval.py's loop: static KV cache, the one-token step recorded as a CUDA graph; at batch <= 4
+                of a Llama the step is fast_decode.py's Triton kernels (five per layer), else inductor's
+  ours_inductor the same loop with the step always inductor's (eval.Decoder kernels=False)
   ours_eager_prefill  the same, with the prompt pass not compiled (eval.Decoder compile_prefill=False)
   ours_eager    the same loop without torch.compile
   hf_dynamic    transformers generate with its default dynamic cache
@@ -21,7 +23,7 @@ from benchmarks.common import best_wall_s, pick, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
-ENTRIES = ["ours", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
+ENTRIES = ["ours", "ours_inductor", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
 
 
 def run(args):
@@ -45,6 +47,7 @@ def run(args):
         cfg = ev.GenerationConfig(max_new_tokens=n_new, stop_ids=[])  # no stop: always n_new tokens
         for B in [int(b) for b in args.batch_sizes.split(",")]:
             decoder, decoder_eager = ev.Decoder(model, compile=True), ev.Decoder(model)
+            decoder_inductor = ev.Decoder(model, compile=True, kernels=False)
             decoder_eager_prefill = ev.Decoder(model, compile=True, compile_prefill=False)
             prompts = torch.randint(4, args.vocab_size, (B, args.prompt_len)).tolist()
             ids = torch.tensor(prompts, device="cuda")
@@ -62,7 +65,8 @@ def run(args):
 
             # transformers' static cache: generate compiles its decode step itself (wrapping forward in
             # torch.compile as well would compile twice, nested)
-            for name, fn, warmup in [("ours", ours, 2), ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
+            for name, fn, warmup in [("ours", ours, 2), ("ours_inductor", lambda: ours(decoder_inductor), 2),
+                                     ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
                                      ("ours_eager", lambda: ours(decoder_eager), 1),
                                      ("hf_dynamic", hf_generate, 1),
                                      ("hf_static", lambda: hf_generate(cache_implementation="static"), 2)]:
@@ -71,7 +75,7 @@ def run(args):
                 for _ in range(warmup):  # compile + CUDA graph recording happen here
                     fn()
                 print(f"{tag}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
-            del decoder, decoder_eager, decoder_eager_prefill
+            del decoder, decoder_eager, decoder_eager_prefill, decoder_inductor
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf
         reset_peak()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import dataset_sft
 import eval as ev
+import fast_decode
 from data_process import TokenFileWriter, process
 from model import ModelArgs, Transformer, sample
 from tokenizer import Tokenizer
@@ -339,12 +340,14 @@ def test_compiled_prompt_pass_takes_any_length(ckpt):
 
 
 @pytest.mark.gpu
-def test_compiled_decode_matches_eager_on_gpu(ckpt):
-    # fp32: in bf16 the fused kernels round differently and a random model's near-ties flip greedy picks
+@pytest.mark.parametrize("kernels", [True, False])
+def test_compiled_decode_matches_eager_on_gpu(ckpt, kernels):
+    # fp32: in bf16 the fused kernels round differently and a random model's near-ties flip greedy picks.
+    # kernels: fast_decode's Triton step in a CUDA graph; else the model's forward under torch.compile
     model = Transformer.from_pretrained(ckpt["folder"]).cuda().eval()
     cfg = ev.GenerationConfig(max_new_tokens=32, stop_ids=[])
     eager = ev.generate(ev.Decoder(model), PROMPTS, cfg, PAD)
-    dec = ev.Decoder(model, compile=True)
-    assert dec.compiled
+    dec = ev.Decoder(model, compile=True, kernels=kernels)
+    assert dec.compiled and dec.kernels == kernels and len(PROMPTS) <= fast_decode.MAX_BATCH
     for _ in range(2):  # the 2nd run replays the recorded CUDA graph
         assert ev.generate(dec, PROMPTS, cfg, PAD) == eager

@@ -1,0 +1,200 @@
+"""The one-token decode step of a Llama as five Triton kernels per layer (CUDA only; eval.Decoder uses it).
+
+At batch 1 a decode step reads every weight once for a single token: memory- and launch-bound. torch.compile
+makes ~11 kernels of 2-8 us each out of a layer (README, "Why not faster"), so launches, not bytes, set the
+pace. Here a layer is five kernels, each one pass over its weights with the small work fused in:
+
+  1. RMSNorm + q/k/v projections           x = norm(h); qkv = [Wq; Wk; Wv] x
+  2. RoPE + cache write + attention         one program per (row, kv head), online softmax over the cache
+  3. o projection + residual                h = h + Wo a
+  4. RMSNorm + gate/up + SwiGLU             m = silu(Wg norm(h)) * (Wu norm(h))
+  5. down projection + residual             h = h + Wd m
+
+and the head is one more (final RMSNorm + lm_head). Values are rounded where model.py rounds them (to the
+weights' dtype after each projection, norm, RoPE and activation; fp32 inside), so logits match the PyTorch
+step to bf16 precision: tests/test_eval.py checks that on a GPU. decode_step() has the contract of
+`model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]` and is captured into a CUDA graph by eval.Decoder.
+"""
+import torch
+import torch.nn as nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+# Up to this batch size eval.Decoder uses these kernels. Each program multiplies a block of weights with
+# every row in fp32 without tensor cores; at batch 8 inductor's step was faster (350m preset, H100: 5,038
+# vs 4,692 tok/s), at batch 1 these are (1,240 vs 1,006). Batch 4 was not compared.
+MAX_BATCH = 4
+
+
+def supported(model) -> bool:
+    """Llama blocks with plain (merged, unquantized) Linear layers on a GPU: what the kernels read."""
+    if triton is None or model.args.arch != "llama" or not model.embed.weight.is_cuda:
+        return False
+    linears = [model.output] + [m for block in model.layers for m in (
+        block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj,
+        block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)]
+    power_of_2 = model.args.head_dim & (model.args.head_dim - 1) == 0
+    return power_of_2 and all(type(m) is nn.Linear for m in linears)  # not LoRA-wrapped, not QuantLinear
+
+
+if triton is not None:
+    @triton.jit
+    def _matvec_kernel(X, W1, W2, W3, NORM_W, RES, OUT, B, K, N, N1, N2,
+                       EPS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # this program: outputs n0 .. n0 + BLOCK_N - 1 for every row b of X (B, K). The output rows are the
+        # rows of [W1; W2; W3] stacked (N1, N2 rows of the first two); with SWIGLU, silu(W1 x) * (W2 x).
+        n0 = tl.program_id(0) * BLOCK_N
+        b = tl.arange(0, BLOCK_B)[:, None, None]  # (B, 1, 1)
+        n = tl.arange(0, BLOCK_N)[None, :, None]  # (1, N, 1)
+        k = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, K)
+        dtype = X.dtype.element_ty
+        if NORM:  # the rms of each row first; the rows are small and are read again from cache below
+            ss = tl.zeros([BLOCK_B, 1, 1], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(X + b * K + k0 + k, mask=(b < B) & (k0 + k < K), other=0.0).to(tl.float32)
+                ss += tl.sum(x * x, axis=2, keep_dims=True)
+            rstd = tl.rsqrt(ss / K + EPS)
+        # a block of rows lies within one matrix (the caller's BLOCK_N divides N1 and N2)
+        if SWIGLU:
+            w1, w2 = W1 + n0 * K, W2 + n0 * K
+        elif n0 < N1:
+            w1, w2 = W1 + n0 * K, W1
+        elif n0 < N1 + N2:
+            w1, w2 = W2 + (n0 - N1) * K, W2
+        else:
+            w1, w2 = W3 + (n0 - N1 - N2) * K, W3
+        # products are summed elementwise across the loop and reduced over k once at the end
+        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], tl.float32)
+        acc2 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(X + b * K + k0 + k, mask=(b < B) & (k0 + k < K), other=0.0)
+            if NORM:  # model.RMSNorm: weight * (x * rstd) rounded to the dtype, the product rounded again
+                x = (x.to(tl.float32) * rstd).to(dtype)
+                x = (x.to(tl.float32) * tl.load(NORM_W + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)).to(dtype)
+            x = x.to(tl.float32)
+            w_mask = (n0 + n < N) & (k0 + k < K)
+            acc += x * tl.load(w1 + n * K + k0 + k, mask=w_mask, other=0.0).to(tl.float32)
+            if SWIGLU:
+                acc2 += x * tl.load(w2 + n * K + k0 + k, mask=w_mask, other=0.0).to(tl.float32)
+        y = tl.sum(acc, axis=2).to(dtype).to(tl.float32)  # (B, N): the projection, rounded as nn.Linear's
+        rows = tl.arange(0, BLOCK_B)[:, None]
+        cols = n0 + tl.arange(0, BLOCK_N)[None, :]
+        if SWIGLU:  # silu(g) * u, each rounded as F.silu and the product are
+            up = tl.sum(acc2, axis=2).to(dtype).to(tl.float32)
+            y = (y * tl.sigmoid(y)).to(dtype).to(tl.float32) * up
+        if RESIDUAL:  # h + y, added in fp32 and rounded once, as torch adds two bf16 tensors
+            y += tl.load(RES + rows * N + cols, mask=(rows < B) & (cols < N), other=0.0).to(tl.float32)
+        tl.store(OUT + rows * N + cols, y.to(OUT.dtype.element_ty), mask=(rows < B) & (cols < N))
+
+    @triton.jit
+    def _attention_kernel(QKV, COS, SIN, KC, VC, VALID, POS, OUT, L, H: tl.constexpr, KV: tl.constexpr,
+                          D: tl.constexpr, SCALE: tl.constexpr, BLOCK_S: tl.constexpr):
+        # this program: row b, query head h, which reads kv head j (GQA: H / KV query heads share one)
+        b, h = tl.program_id(0), tl.program_id(1)
+        j = h // (H // KV)
+        d = tl.arange(0, D)
+        # RoPE, "rotate half" layout: out_i = x_i cos_i + r_i sin_i, r = (-x[D/2:], x[:D/2]); in fp32
+        partner = (d + D // 2) % D
+        cos = tl.load(COS + b * D + d)
+        sin = tl.load(SIN + b * D + d) * tl.where(d < D // 2, -1.0, 1.0)
+        row = QKV + b * (H + 2 * KV) * D  # this row's [q heads | k heads | v heads]
+        q = tl.load(row + h * D + d).to(tl.float32) * cos + tl.load(row + h * D + partner).to(tl.float32) * sin
+        q = q.to(QKV.dtype.element_ty).to(tl.float32)
+        k = tl.load(row + (H + j) * D + d).to(tl.float32) * cos + \
+            tl.load(row + (H + j) * D + partner).to(tl.float32) * sin
+        k = k.to(KC.dtype.element_ty)
+        v = tl.load(row + (H + KV + j) * D + d).to(VC.dtype.element_ty)
+        # the new key and value go to cache slot pos (written once per kv head). This step takes them from
+        # registers, not back from the cache, so the loads below need not wait for the stores.
+        pos = tl.load(POS)
+        kc, vc = KC + (b * KV + j) * L * D, VC + (b * KV + j) * L * D
+        if h % (H // KV) == 0:
+            tl.store(kc + pos * D + d, k)
+            tl.store(vc + pos * D + d, v)
+        # softmax(q k^T * SCALE) v over the new token and the cached slots before it that hold real tokens,
+        # a block of slots at a time: the running max m rescales what was summed so far (online softmax, as
+        # flash attention). It starts from the new token: m = its score, exp(score - m) = 1, sum = v.
+        m = tl.sum(q * k.to(tl.float32), axis=0) * SCALE
+        denom = tl.exp(m - m)
+        acc = v.to(tl.float32)
+        for s0 in range(0, pos, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            before = s < pos
+            keys = tl.load(kc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
+            vals = tl.load(vc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
+            real = before & (tl.load(VALID + b * L + s, mask=before, other=0) != 0)
+            scores = tl.where(real, tl.sum(keys * q[None, :], axis=1) * SCALE, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            p = tl.exp(scores - m_new)
+            alpha = tl.exp(m - m_new)
+            acc = acc * alpha + tl.sum(p[:, None] * vals, axis=0)
+            denom = denom * alpha + tl.sum(p, axis=0)
+            m = m_new
+        tl.store(OUT + (b * H + h) * D + d, (acc / denom).to(OUT.dtype.element_ty))
+
+
+def matvec_config(B, N, swiglu):
+    """(BLOCK_N, BLOCK_K, num_warps), from a sweep on an H100 (.gpu/probe8.py): enough programs (>= ~320 of
+    BLOCK_N rows) to keep its 132 SMs loading, and about 8k products held per program."""
+    block_n = 16
+    while block_n > 1 and N // block_n < 320:
+        block_n //= 2
+    if B > 1:
+        block_n = max(block_n, 4)
+    block_b = triton.next_power_of_2(B)
+    block_k = max(256, 1024 // block_b // (2 if swiglu else 1))
+    block_n = min(block_n, 16384 // (block_b * block_k))
+    return block_n, block_k, 8 if B > 4 else 4
+
+
+def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None, config=None):
+    """x (B, K) times the rows of `weights` stacked: (B, sum of their rows), or with swiglu the two
+    matrices (gate, up) give silu(gate x) * (up x). norm: an RMSNorm applied to x first; residual: added."""
+    B, K = x.shape
+    N = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
+    w1, w2, w3 = (list(weights) + [weights[0]] * 2)[:3]
+    out = torch.empty(B, N, dtype=out_dtype or x.dtype, device=x.device)
+    block_n, block_k, warps = config or matvec_config(B, N, swiglu)
+    block_k = min(block_k, triton.next_power_of_2(K))
+    while w1.shape[0] % block_n or w2.shape[0] % block_n:  # a block of rows must not straddle two matrices
+        block_n //= 2
+    _matvec_kernel[(triton.cdiv(N, block_n),)](
+        x, w1, w2, w3, norm.weight if norm is not None else x, residual if residual is not None else x, out,
+        B, K, N, w1.shape[0], w2.shape[0], norm.eps if norm is not None else 0.0,
+        norm is not None, swiglu, residual is not None, triton.next_power_of_2(B), block_n, block_k, num_warps=warps)
+    return out
+
+
+def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_heads, config=None):
+    """qkv (B, (H + 2 KV) D) -> (B, H D): RoPE on q and k, k and v written to cache slot cache_pos, then
+    attention over the cache slots up to cache_pos that `valid` marks as real tokens."""
+    B, _, L, D = k_cache.shape
+    out = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
+    block_s, warps = config or (256, 4)
+    _attention_kernel[(B, n_heads)](qkv, cos, sin, k_cache, v_cache, valid, cache_pos, out, L,
+                                    n_heads, n_kv_heads, D, D ** -0.5, block_s, num_warps=warps)
+    return out
+
+
+def decode_step(model, tokens, cache, cache_pos):
+    """Logits (B, vocab) fp32 of one new token per row (tokens (B, 1)), written to cache slot cache_pos."""
+    args, B = model.args, tokens.shape[0]
+    # positions as model.forward counts them: real tokens before this one in the row (left padding is not)
+    cache.valid.index_copy_(1, cache_pos, torch.ones(B, 1, dtype=torch.bool, device=tokens.device))
+    position_ids = (cache.valid.long().cumsum(1) - 1).index_select(1, cache_pos).clamp(min=0)
+    cos, sin = (t.reshape(B, -1).contiguous() for t in model.rotary(position_ids))
+    h = model.embed(tokens[:, 0])
+    for i, block in enumerate(model.layers):
+        attn, mlp = block.self_attn, block.mlp
+        qkv = matvec(h, (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), norm=block.input_layernorm)
+        a = attention(qkv, cos, sin, cache.k[i], cache.v[i], cache.valid, cache_pos, args.n_heads, args.n_kv_heads)
+        h = matvec(a, (attn.o_proj.weight,), residual=h)
+        m = matvec(h, (mlp.gate_proj.weight, mlp.up_proj.weight), norm=block.post_attention_layernorm, swiglu=True)
+        h = matvec(m, (mlp.down_proj.weight,), residual=h)
+    return matvec(h, (model.output.weight,), norm=model.final_norm, out_dtype=torch.float32)
