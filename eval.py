@@ -12,7 +12,8 @@ Transformer.from_pretrained), or a base folder plus a LoRA adapter (`--adapter`,
 Decoding runs on model.py's static KV cache. The one-token step has fixed shapes (the cache slot is
 a tensor), so on a GPU `--compile` records it as a CUDA graph (gpt-fast style): one graph replay per token
 instead of hundreds of kernel launches. The step inside is fast_decode.py's Triton kernels for a Llama,
-or the model's forward under torch.compile(mode="reduce-overhead"). On the CPU the same loop runs eagerly. Read top to bottom:
+or the model's forward under torch.compile(mode="reduce-overhead"). On the CPU the same loop runs
+eagerly. Read top to bottom:
 
   loading        model + tokenizer (+ LoRA adapter merged)
   perplexity     windows over a .bin, nats -> ppl and bits per byte

@@ -5,14 +5,15 @@ makes ~11 kernels of 2-8 us each out of a layer (README, "Why not faster"), so l
 pace. Here a layer is five kernels, each one pass over its weights with the small work fused in:
 
   1. RMSNorm + q/k/v projections           x = norm(h); qkv = [Wq; Wk; Wv] x
-  2. RoPE + cache write + attention         one program per (row, kv head), online softmax over the cache
+  2. RoPE + cache write + attention         one program per (row, head), online softmax over the cache
   3. o projection + residual                h = h + Wo a
   4. RMSNorm + gate/up + SwiGLU             m = silu(Wg norm(h)) * (Wu norm(h))
   5. down projection + residual             h = h + Wd m
 
 and the head is one more (final RMSNorm + lm_head). Values are rounded where model.py rounds them (to the
 weights' dtype after each projection, norm, RoPE and activation; fp32 inside), so logits match the PyTorch
-step to bf16 precision: tests/test_eval.py checks that on a GPU. decode_step() has the contract of
+step to bf16 precision (tests/test_fast_decode.py: fp32 in Triton's interpreter on the CPU, bf16 on a GPU).
+decode_step() has the contract of
 `model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]` and is captured into a CUDA graph by eval.Decoder.
 """
 import torch
@@ -25,9 +26,9 @@ except ImportError:
     triton = None
 
 
-# Up to this batch size eval.Decoder uses these kernels. Each program multiplies a block of weights with
-# every row in fp32 without tensor cores; at batch 8 inductor's step was faster (350m preset, H100: 5,038
-# vs 4,692 tok/s), at batch 1 these are (1,240 vs 1,006). Batch 4 was not compared.
+# Up to this batch size eval.Decoder uses these kernels (bench.py decode, 350m preset, H100: batch 1 1,396
+# tok/s vs 875 for inductor's step, batch 4 3,636 vs 2,642). Each program multiplies a block of weights
+# with every row in fp32, without tensor cores: at batch 8 inductor's step was faster (5,038 vs 4,692).
 MAX_BATCH = 4
 
 
@@ -140,8 +141,8 @@ if triton is not None:
 
 
 def matvec_config(B, N, swiglu):
-    """(BLOCK_N, BLOCK_K, num_warps), from a sweep on an H100 (.gpu/probe8.py): enough programs (>= ~320 of
-    BLOCK_N rows) to keep its 132 SMs loading, and about 8k products held per program."""
+    """(BLOCK_N, BLOCK_K, num_warps), from a sweep of each projection's shape on an H100: enough programs
+    (>= ~320 of BLOCK_N rows) to keep its 132 SMs loading, and at most ~16k products held per program."""
     block_n = 16
     while block_n > 1 and N // block_n < 320:
         block_n //= 2
@@ -153,14 +154,14 @@ def matvec_config(B, N, swiglu):
     return block_n, block_k, 8 if B > 4 else 4
 
 
-def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None, config=None):
+def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
     """x (B, K) times the rows of `weights` stacked: (B, sum of their rows), or with swiglu the two
     matrices (gate, up) give silu(gate x) * (up x). norm: an RMSNorm applied to x first; residual: added."""
     B, K = x.shape
     N = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
     w1, w2, w3 = (list(weights) + [weights[0]] * 2)[:3]
     out = torch.empty(B, N, dtype=out_dtype or x.dtype, device=x.device)
-    block_n, block_k, warps = config or matvec_config(B, N, swiglu)
+    block_n, block_k, warps = matvec_config(B, N, swiglu)
     block_k = min(block_k, triton.next_power_of_2(K))
     while w1.shape[0] % block_n or w2.shape[0] % block_n:  # a block of rows must not straddle two matrices
         block_n //= 2
@@ -171,14 +172,14 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None, c
     return out
 
 
-def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_heads, config=None):
+def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_heads):
     """qkv (B, (H + 2 KV) D) -> (B, H D): RoPE on q and k, k and v written to cache slot cache_pos, then
     attention over the cache slots up to cache_pos that `valid` marks as real tokens."""
     B, _, L, D = k_cache.shape
     out = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
-    block_s, warps = config or (256, 4)
+    # 256 slots per loop step: few steps (each waits for its loads) at a register cost that still fits
     _attention_kernel[(B, n_heads)](qkv, cos, sin, k_cache, v_cache, valid, cache_pos, out, L,
-                                    n_heads, n_kv_heads, D, D ** -0.5, block_s, num_warps=warps)
+                                    n_heads, n_kv_heads, D, D ** -0.5, 256, num_warps=4)
     return out
 
 
