@@ -26,8 +26,8 @@ except ImportError:
     triton = None
 
 
-# Up to this batch size eval.Decoder uses these kernels (bench.py decode, 350m preset, H100: batch 1 1,396
-# tok/s vs 875 for inductor's step, batch 4 3,636 vs 2,642). Each program multiplies a block of weights
+# Up to this batch size eval.Decoder uses these kernels (bench.py decode, 350m preset, H100: batch 1 1,593
+# tok/s vs 1,002 for inductor's step, batch 4 3,636 vs 2,642). Each program multiplies a block of weights
 # with every row in fp32, without tensor cores: at batch 8 inductor's step was faster (5,038 vs 4,692).
 MAX_BATCH = 4
 
@@ -47,7 +47,7 @@ if triton is not None:
     @triton.jit
     def _matvec_kernel(X, W1, W2, W3, NORM_W, RES, OUT, B, K, N, N1, N2,
                        EPS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # this program: outputs n0 .. n0 + BLOCK_N - 1 for every row b of X (B, K). The output rows are the
         # rows of [W1; W2; W3] stacked (N1, N2 rows of the first two); with SWIGLU, silu(W1 x) * (W2 x).
         n0 = tl.program_id(0) * BLOCK_N
@@ -55,12 +55,6 @@ if triton is not None:
         n = tl.arange(0, BLOCK_N)[None, :, None]  # (1, N, 1)
         k = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, K)
         dtype = X.dtype.element_ty
-        if NORM:  # the rms of each row first; the rows are small and are read again from cache below
-            ss = tl.zeros([BLOCK_B, 1, 1], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(X + b * K + k0 + k, mask=(b < B) & (k0 + k < K), other=0.0).to(tl.float32)
-                ss += tl.sum(x * x, axis=2, keep_dims=True)
-            rstd = tl.rsqrt(ss / K + EPS)
         # a block of rows lies within one matrix (the caller's BLOCK_N divides N1 and N2)
         if SWIGLU:
             w1, w2 = W1 + n0 * K, W2 + n0 * K
@@ -70,7 +64,23 @@ if triton is not None:
             w1, w2 = W2 + (n0 - N1) * K, W2
         else:
             w1, w2 = W3 + (n0 - N1 - N2) * K, W3
-        # products are summed elementwise across the loop and reduced over k once at the end
+        # The weights do not depend on the kernel before this one: the first block of them is loaded while
+        # that kernel may still be running (PDL, see pdl() below), then this program waits for its outputs.
+        w_mask = (n0 + n < N) & (k < K)
+        w = tl.load(w1 + n * K + k, mask=w_mask, other=0.0)
+        if SWIGLU:
+            w_up = tl.load(w2 + n * K + k, mask=w_mask, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        if NORM:  # the rms of each row first; the rows are small and are read again from cache below
+            ss = tl.zeros([BLOCK_B, 1, 1], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(X + b * K + k0 + k, mask=(b < B) & (k0 + k < K), other=0.0).to(tl.float32)
+                ss += tl.sum(x * x, axis=2, keep_dims=True)
+            rstd = tl.rsqrt(ss / K + EPS)
+        # products are summed elementwise across the loop and reduced over k once at the end; each step
+        # loads the next block of weights before it multiplies the current one
         acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], tl.float32)
         acc2 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -79,10 +89,14 @@ if triton is not None:
                 x = (x.to(tl.float32) * rstd).to(dtype)
                 x = (x.to(tl.float32) * tl.load(NORM_W + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)).to(dtype)
             x = x.to(tl.float32)
-            w_mask = (n0 + n < N) & (k0 + k < K)
-            acc += x * tl.load(w1 + n * K + k0 + k, mask=w_mask, other=0.0).to(tl.float32)
+            w_mask = (n0 + n < N) & (k0 + BLOCK_K + k < K)  # all false past the last block: nothing read
+            w_next = tl.load(w1 + n * K + k0 + BLOCK_K + k, mask=w_mask, other=0.0)
+            acc += x * w.to(tl.float32)
+            w = w_next
             if SWIGLU:
-                acc2 += x * tl.load(w2 + n * K + k0 + k, mask=w_mask, other=0.0).to(tl.float32)
+                w_up_next = tl.load(w2 + n * K + k0 + BLOCK_K + k, mask=w_mask, other=0.0)
+                acc2 += x * w_up.to(tl.float32)
+                w_up = w_up_next
         y = tl.sum(acc, axis=2).to(dtype).to(tl.float32)  # (B, N): the projection, rounded as nn.Linear's
         rows = tl.arange(0, BLOCK_B)[:, None]
         cols = n0 + tl.arange(0, BLOCK_N)[None, :]
@@ -95,7 +109,7 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(QKV, COS, SIN, KC, VC, VALID, POS, OUT, L, H: tl.constexpr, KV: tl.constexpr,
-                          D: tl.constexpr, SCALE: tl.constexpr, BLOCK_S: tl.constexpr):
+                          D: tl.constexpr, SCALE: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         # this program: row b, query head h, which reads kv head j (GQA: H / KV query heads share one)
         b, h = tl.program_id(0), tl.program_id(1)
         j = h // (H // KV)
@@ -104,6 +118,10 @@ if triton is not None:
         partner = (d + D // 2) % D
         cos = tl.load(COS + b * D + d)
         sin = tl.load(SIN + b * D + d) * tl.where(d < D // 2, -1.0, 1.0)
+        pos = tl.load(POS)
+        if PDL:  # cos, sin and the slot were made before the kernel just before this one; qkv comes from it
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = QKV + b * (H + 2 * KV) * D  # this row's [q heads | k heads | v heads]
         q = tl.load(row + h * D + d).to(tl.float32) * cos + tl.load(row + h * D + partner).to(tl.float32) * sin
         q = q.to(QKV.dtype.element_ty).to(tl.float32)
@@ -113,7 +131,6 @@ if triton is not None:
         v = tl.load(row + (H + KV + j) * D + d).to(VC.dtype.element_ty)
         # the new key and value go to cache slot pos (written once per kv head). This step takes them from
         # registers, not back from the cache, so the loads below need not wait for the stores.
-        pos = tl.load(POS)
         kc, vc = KC + (b * KV + j) * L * D, VC + (b * KV + j) * L * D
         if h % (H // KV) == 0:
             tl.store(kc + pos * D + d, k)
@@ -138,6 +155,18 @@ if triton is not None:
             denom = denom * alpha + tl.sum(p, axis=0)
             m = m_new
         tl.store(OUT + (b * H + h) * D + d, (acc / denom).to(OUT.dtype.element_ty))
+
+
+def pdl(x) -> bool:
+    """Programmatic dependent launch (Hopper and later): a kernel may start while the one before it is still
+    running, load what does not depend on it (its weights), and wait (gdc_wait) only for that kernel's
+    outputs. In a chain of ~130 short kernels this hides most of each launch's gap. Everything a kernel
+    writes comes after its wait, so the kernel before it never sees its outputs change under it."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def launch(x) -> dict:
+    return {"launch_pdl": True} if pdl(x) else {}
 
 
 def matvec_config(B, N, swiglu):
@@ -168,7 +197,8 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
     _matvec_kernel[(triton.cdiv(N, block_n),)](
         x, w1, w2, w3, norm.weight if norm is not None else x, residual if residual is not None else x, out,
         B, K, N, w1.shape[0], w2.shape[0], norm.eps if norm is not None else 0.0,
-        norm is not None, swiglu, residual is not None, triton.next_power_of_2(B), block_n, block_k, num_warps=warps)
+        norm is not None, swiglu, residual is not None, triton.next_power_of_2(B), block_n, block_k, pdl(x),
+        num_warps=warps, **launch(x))
     return out
 
 
@@ -179,7 +209,7 @@ def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_h
     out = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
     # 256 slots per loop step: few steps (each waits for its loads) at a register cost that still fits
     _attention_kernel[(B, n_heads)](qkv, cos, sin, k_cache, v_cache, valid, cache_pos, out, L,
-                                    n_heads, n_kv_heads, D, D ** -0.5, 256, num_warps=4)
+                                    n_heads, n_kv_heads, D, D ** -0.5, 256, pdl(qkv), num_warps=4, **launch(qkv))
     return out
 
 
