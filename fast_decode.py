@@ -33,8 +33,11 @@ MAX_BATCH = 4
 
 
 def supported(model) -> bool:
-    """Llama blocks with plain (merged, unquantized) Linear layers on a GPU: what the kernels read."""
-    if triton is None or model.args.arch != "llama" or not model.embed.weight.is_cuda:
+    """Llama blocks with plain (merged, unquantized) Linear layers on a GPU: what the kernels read. Not with
+    dynamic NTK scaling: its angles depend on the sequence length seen, which a recorded graph cannot follow."""
+    rope = model.args.rope_scaling or {}
+    if triton is None or model.args.arch != "llama" or not model.embed.weight.is_cuda or \
+            rope.get("rope_type") == "dynamic":
         return False
     linears = [model.output] + [m for block in model.layers for m in (
         block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj,
