@@ -160,12 +160,15 @@ if triton is not None:
         tl.store(OUT + (b * H + h) * D + d, (acc / denom).to(OUT.dtype.element_ty))
 
 
+USE_PDL = True  # bench.py decode's ours_no_pdl entry turns it off while it records its graph
+
+
 def pdl(x) -> bool:
     """Programmatic dependent launch (Hopper and later): a kernel may start while the one before it is still
     running, load what does not depend on it (its weights), and wait (gdc_wait) only for that kernel's
     outputs. In a chain of ~130 short kernels this hides most of each launch's gap. Everything a kernel
     writes comes after its wait, so the kernel before it never sees its outputs change under it."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return USE_PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def launch(x) -> dict:

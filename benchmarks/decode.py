@@ -4,6 +4,7 @@ Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (pr
   ours          eval.py's loop: static KV cache, the one-token step recorded as a CUDA graph; at batch <= 4
                 of a Llama the step is fast_decode.py's Triton kernels (five per layer), else inductor's
   ours_inductor the same loop with the step always inductor's (eval.Decoder kernels=False)
+  ours_no_pdl   ours with the kernels launched one after the other (fast_decode.USE_PDL off)
   ours_eager_prefill  the same, with the prompt pass not compiled (eval.Decoder compile_prefill=False)
   ours_eager    the same loop without torch.compile
   hf_dynamic    transformers generate with its default dynamic cache
@@ -19,11 +20,12 @@ import tempfile
 import torch
 
 import eval as ev
+import fast_decode
 from benchmarks.common import best_wall_s, pick, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
-ENTRIES = ["ours", "ours_inductor", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
+ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
 
 
 def run(args):
@@ -48,6 +50,7 @@ def run(args):
         for B in [int(b) for b in args.batch_sizes.split(",")]:
             decoder, decoder_eager = ev.Decoder(model, compile=True), ev.Decoder(model)
             decoder_inductor = ev.Decoder(model, compile=True, kernels=False)
+            decoder_no_pdl = ev.Decoder(model, compile=True)
             decoder_eager_prefill = ev.Decoder(model, compile=True, compile_prefill=False)
             prompts = torch.randint(4, args.vocab_size, (B, args.prompt_len)).tolist()
             ids = torch.tensor(prompts, device="cuda")
@@ -58,6 +61,15 @@ def run(args):
                 out = ev.generate(dec, prompts, cfg, pad_id=0)
                 assert all(len(o) == n_new for o in out)
 
+            def ours_no_pdl():
+                # the launch mode is fixed when the graph is recorded (the first step on a cache): that
+                # happens in this entry's warm-up, so switching back afterwards leaves its graph as it is
+                fast_decode.USE_PDL = False
+                try:
+                    ours(decoder_no_pdl)
+                finally:
+                    fast_decode.USE_PDL = True
+
             def hf_generate(**kw):
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                                   do_sample=False, pad_token_id=0, **kw)
@@ -66,6 +78,7 @@ def run(args):
             # transformers' static cache: generate compiles its decode step itself (wrapping forward in
             # torch.compile as well would compile twice, nested)
             for name, fn, warmup in [("ours", ours, 2), ("ours_inductor", lambda: ours(decoder_inductor), 2),
+                                     ("ours_no_pdl", ours_no_pdl, 2),
                                      ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
                                      ("ours_eager", lambda: ours(decoder_eager), 1),
                                      ("hf_dynamic", hf_generate, 1),
@@ -75,7 +88,7 @@ def run(args):
                 for _ in range(warmup):  # compile + CUDA graph recording happen here
                     fn()
                 print(f"{tag}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
-            del decoder, decoder_eager, decoder_eager_prefill, decoder_inductor
+            del decoder, decoder_eager, decoder_eager_prefill, decoder_inductor, decoder_no_pdl
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf
         reset_peak()
