@@ -13,8 +13,8 @@ pace. Here a layer is five kernels, each one pass over its weights with the smal
 and the head is one more (final RMSNorm + lm_head). Values are rounded where model.py rounds them (to the
 weights' dtype after each projection, norm, RoPE and activation; fp32 inside), so logits match the PyTorch
 step to bf16 precision (tests/test_fast_decode.py: fp32 in Triton's interpreter on the CPU, bf16 on a GPU).
-decode_step() has the contract of
-`model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]` and is captured into a CUDA graph by eval.Decoder.
+decode_step() has the contract of `model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]`; eval.Decoder
+records it as a CUDA graph. On Hopper each kernel starts before the previous one ends (see pdl()).
 """
 import torch
 import torch.nn as nn
