@@ -85,7 +85,8 @@ if triton is not None:
         # products are summed elementwise across the loop and reduced over k once at the end; each step
         # loads the next block of weights before it multiplies the current one
         acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], tl.float32)
-        acc2 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], tl.float32)
+        if SWIGLU:
+            acc2 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(X + b * K + k0 + k, mask=(b < B) & (k0 + k < K), other=0.0)
             if NORM:  # model.RMSNorm: weight * (x * rstd) rounded to the dtype, the product rounded again
@@ -222,9 +223,7 @@ def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_h
 def decode_step(model, tokens, cache, cache_pos):
     """Logits (B, vocab) fp32 of one new token per row (tokens (B, 1)), written to cache slot cache_pos."""
     args, B = model.args, tokens.shape[0]
-    # positions as model.forward counts them: real tokens before this one in the row (left padding is not)
-    cache.valid.index_copy_(1, cache_pos, torch.ones(B, 1, dtype=torch.bool, device=tokens.device))
-    position_ids = (cache.valid.long().cumsum(1) - 1).index_select(1, cache_pos).clamp(min=0)
+    position_ids = cache.mark(cache_pos, torch.ones(B, 1, dtype=torch.bool, device=tokens.device))
     cos, sin = (t.reshape(B, -1).contiguous() for t in model.rotary(position_ids))
     h = model.embed(tokens[:, 0])
     for i, block in enumerate(model.layers):
