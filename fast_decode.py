@@ -67,12 +67,19 @@ if triton is not None:
             w1, w2 = W2 + (n0 - N1) * K, W2
         else:
             w1, w2 = W3 + (n0 - N1 - N2) * K, W3
-        # The weights do not depend on the kernel before this one: the first block of them is loaded while
-        # that kernel may still be running (PDL, see pdl() below), then this program waits for its outputs.
+        rows = tl.arange(0, BLOCK_B)[:, None]
+        cols = n0 + tl.arange(0, BLOCK_N)[None, :]
+        # What does not depend on the kernel just before this one is loaded while that kernel may still be
+        # running (PDL, see pdl() below): the first block of weights and of the norm's weight, and the
+        # residual (made two or more kernels back). Then this program waits for that kernel's outputs.
         w_mask = (n0 + n < N) & (k < K)
         w = tl.load(w1 + n * K + k, mask=w_mask, other=0.0)
         if SWIGLU:
             w_up = tl.load(w2 + n * K + k, mask=w_mask, other=0.0)
+        if NORM:
+            norm_w = tl.load(NORM_W + k, mask=k < K, other=0.0)
+        if RESIDUAL:
+            res = tl.load(RES + rows * N + cols, mask=(rows < B) & (cols < N), other=0.0)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -91,7 +98,8 @@ if triton is not None:
             x = tl.load(X + b * K + k0 + k, mask=(b < B) & (k0 + k < K), other=0.0)
             if NORM:  # model.RMSNorm: weight * (x * rstd) rounded to the dtype, the product rounded again
                 x = (x.to(tl.float32) * rstd).to(dtype)
-                x = (x.to(tl.float32) * tl.load(NORM_W + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)).to(dtype)
+                x = (x.to(tl.float32) * norm_w.to(tl.float32)).to(dtype)
+                norm_w = tl.load(NORM_W + k0 + BLOCK_K + k, mask=k0 + BLOCK_K + k < K, other=0.0)
             x = x.to(tl.float32)
             w_mask = (n0 + n < N) & (k0 + BLOCK_K + k < K)  # all false past the last block: nothing read
             w_next = tl.load(w1 + n * K + k0 + BLOCK_K + k, mask=w_mask, other=0.0)
@@ -102,13 +110,11 @@ if triton is not None:
                 acc2 += x * w_up.to(tl.float32)
                 w_up = w_up_next
         y = tl.sum(acc, axis=2).to(dtype).to(tl.float32)  # (B, N): the projection, rounded as nn.Linear's
-        rows = tl.arange(0, BLOCK_B)[:, None]
-        cols = n0 + tl.arange(0, BLOCK_N)[None, :]
         if SWIGLU:  # silu(g) * u, each rounded as F.silu and the product are
             up = tl.sum(acc2, axis=2).to(dtype).to(tl.float32)
             y = (y * tl.sigmoid(y)).to(dtype).to(tl.float32) * up
         if RESIDUAL:  # h + y, added in fp32 and rounded once, as torch adds two bf16 tensors
-            y += tl.load(RES + rows * N + cols, mask=(rows < B) & (cols < N), other=0.0).to(tl.float32)
+            y += res.to(tl.float32)
         tl.store(OUT + rows * N + cols, y.to(OUT.dtype.element_ty), mask=(rows < B) & (cols < N))
 
     @triton.jit
@@ -123,7 +129,14 @@ if triton is not None:
         cos = tl.load(COS + b * D + d)
         sin = tl.load(SIN + b * D + d) * tl.where(d < D // 2, -1.0, 1.0)
         pos = tl.load(POS)
-        if PDL:  # cos, sin and the slot were made before the kernel just before this one; qkv comes from it
+        kc, vc = KC + (b * KV + j) * L * D, VC + (b * KV + j) * L * D
+        # the first block of cached slots: keys, values and which slots hold real tokens
+        s = tl.arange(0, BLOCK_S)
+        before = s < pos
+        keys = tl.load(kc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0)
+        vals = tl.load(vc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0)
+        valid = tl.load(VALID + b * L + s, mask=before, other=0)
+        if PDL:  # all of the above was written before the kernel just before this one; qkv comes from it
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row = QKV + b * (H + 2 * KV) * D  # this row's [q heads | k heads | v heads]
@@ -134,8 +147,7 @@ if triton is not None:
         k = k.to(KC.dtype.element_ty)
         v = tl.load(row + (H + KV + j) * D + d).to(VC.dtype.element_ty)
         # the new key and value go to cache slot pos (written once per kv head). This step takes them from
-        # registers, not back from the cache, so the loads below need not wait for the stores.
-        kc, vc = KC + (b * KV + j) * L * D, VC + (b * KV + j) * L * D
+        # registers, not back from the cache, so the loads of slots before pos need not wait for the stores.
         if h % (H // KV) == 0:
             tl.store(kc + pos * D + d, k)
             tl.store(vc + pos * D + d, v)
@@ -147,17 +159,20 @@ if triton is not None:
         acc = v.to(tl.float32)
         for s0 in range(0, pos, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            before = s < pos
-            keys = tl.load(kc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
-            vals = tl.load(vc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
-            real = before & (tl.load(VALID + b * L + s, mask=before, other=0) != 0)
-            scores = tl.where(real, tl.sum(keys * q[None, :], axis=1) * SCALE, float("-inf"))
+            real = (s < pos) & (valid != 0)
+            # the next block is loaded before this one is used (all false past the last: nothing read)
+            ahead = s + BLOCK_S < pos
+            keys_next = tl.load(kc + (s + BLOCK_S)[:, None] * D + d[None, :], mask=ahead[:, None], other=0.0)
+            vals_next = tl.load(vc + (s + BLOCK_S)[:, None] * D + d[None, :], mask=ahead[:, None], other=0.0)
+            valid = tl.load(VALID + b * L + s + BLOCK_S, mask=ahead, other=0)
+            scores = tl.where(real, tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * SCALE, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             p = tl.exp(scores - m_new)
             alpha = tl.exp(m - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * vals, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * vals.to(tl.float32), axis=0)
             denom = denom * alpha + tl.sum(p, axis=0)
             m = m_new
+            keys, vals = keys_next, vals_next
         tl.store(OUT + (b * H + h) * D + d, (acc / denom).to(OUT.dtype.element_ty))
 
 
@@ -176,7 +191,7 @@ def launch(x) -> dict:
     return {"launch_pdl": True} if pdl(x) else {}
 
 
-def matvec_config(B, N, swiglu):
+def matvec_config(B, N, K, swiglu):
     """(BLOCK_N, BLOCK_K, num_warps), from a sweep of each projection's shape on an H100: enough programs
     (>= ~320 of BLOCK_N rows) to keep its 132 SMs loading, and at most ~16k products held per program."""
     block_n = 16
@@ -197,7 +212,7 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
     N = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
     w1, w2, w3 = (list(weights) + [weights[0]] * 2)[:3]
     out = torch.empty(B, N, dtype=out_dtype or x.dtype, device=x.device)
-    block_n, block_k, warps = matvec_config(B, N, swiglu)
+    block_n, block_k, warps = matvec_config(B, N, K, swiglu)
     block_k = min(block_k, triton.next_power_of_2(K))
     while w1.shape[0] % block_n or w2.shape[0] % block_n:  # a block of rows must not straddle two matrices
         block_n //= 2
@@ -209,14 +224,18 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
     return out
 
 
+# slots per loop step and warps of the attention kernel (two blocks of keys and values are held at once)
+ATTENTION_SLOTS, ATTENTION_WARPS = 128, 4
+
+
 def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_heads):
     """qkv (B, (H + 2 KV) D) -> (B, H D): RoPE on q and k, k and v written to cache slot cache_pos, then
     attention over the cache slots up to cache_pos that `valid` marks as real tokens."""
     B, _, L, D = k_cache.shape
     out = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
-    # 256 slots per loop step: few steps (each waits for its loads) at a register cost that still fits
     _attention_kernel[(B, n_heads)](qkv, cos, sin, k_cache, v_cache, valid, cache_pos, out, L,
-                                    n_heads, n_kv_heads, D, D ** -0.5, 256, pdl(qkv), num_warps=4, **launch(qkv))
+                                    n_heads, n_kv_heads, D, D ** -0.5, ATTENTION_SLOTS, pdl(qkv),
+                                    num_warps=ATTENTION_WARPS, **launch(qkv))
     return out
 
 

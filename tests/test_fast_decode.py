@@ -18,10 +18,18 @@ INTERPRETED = textwrap.dedent("""
     from model import ModelArgs, Transformer
 
     torch.manual_seed(0)
-    for n_kv_heads, rope_scaling in [(4, None), (2, {"rope_type": "yarn", "factor": 2.0,
-                                                     "original_max_position_embeddings": 64}), (1, None)]:
+    default_config = fast_decode.matvec_config
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
+    # the last two also walk their loops in several steps: the attention over the cache 4 or 2 slots at a
+    # time, the projections 32 columns at a time
+    for n_kv_heads, rope_scaling, slots, small in [(4, None, 128, False), (2, yarn, 4, True), (1, None, 2, True)]:
+        fast_decode.ATTENTION_SLOTS = slots
+        fast_decode.matvec_config = (lambda B, N, K, swiglu: (4, 32, 4)) if small else default_config
         args = ModelArgs.preset("tiny", n_kv_heads=n_kv_heads, rope_scaling=rope_scaling)
         model = Transformer(args).eval()
+        for name, p in model.named_parameters():  # norms start at ones: make their weights matter
+            if "norm" in name:
+                p.data.uniform_(0.5, 1.5)
         B, T = 3, 6
         ids = torch.randint(4, args.vocab_size, (B, T))
         mask = torch.ones(B, T, dtype=torch.long)
