@@ -131,11 +131,11 @@ if triton is not None:
         pos = tl.load(POS)
         kc, vc = KC + (b * KV + j) * L * D, VC + (b * KV + j) * L * D
         # the first block of cached slots: keys, values and which slots hold real tokens
-        s = tl.arange(0, BLOCK_S)
-        before = s < pos
-        keys = tl.load(kc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0)
-        vals = tl.load(vc + s[:, None] * D + d[None, :], mask=before[:, None], other=0.0)
-        valid = tl.load(VALID + b * L + s, mask=before, other=0)
+        first = tl.arange(0, BLOCK_S)
+        before = first < pos
+        keys = tl.load(kc + first[:, None] * D + d[None, :], mask=before[:, None], other=0.0)
+        vals = tl.load(vc + first[:, None] * D + d[None, :], mask=before[:, None], other=0.0)
+        valid = tl.load(VALID + b * L + first, mask=before, other=0)
         if PDL:  # all of the above was written before the kernel just before this one; qkv comes from it
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
