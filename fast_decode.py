@@ -176,6 +176,33 @@ if triton is not None:
         tl.store(OUT + (b * H + h) * D + d, (acc / denom).to(OUT.dtype.element_ty))
 
 
+    @triton.jit
+    def _prologue_kernel(TOKENS, TOKEN_STRIDE, EMBED, H, VALID, POS, INV_FREQ, COS, SIN, L, DIM, ATTN_FACTOR, D: tl.constexpr,
+                         BLOCK_DIM: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr):
+        # row b: the new slot marked as a real token, its position (the real tokens before it, so left padding
+        # is not counted), the RoPE cos / sin at that position, and the token's embedding
+        b = tl.program_id(0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        pos = tl.load(POS)
+        tl.store(VALID + b * L + pos, 1)
+        seen = tl.zeros([BLOCK_L], tl.int32)
+        for s0 in range(0, pos, BLOCK_L):
+            s = s0 + tl.arange(0, BLOCK_L)
+            seen += tl.load(VALID + b * L + s, mask=s < pos, other=0).to(tl.int32)
+        position = tl.sum(seen, axis=0).to(tl.float32)
+        # model.RotaryEmbedding: angle_i = position * inv_freq_i in fp32, the same angle for dims i and i + D/2
+        d = tl.arange(0, D)
+        angle = position * tl.load(INV_FREQ + d % (D // 2))
+        tl.store(COS + b * D + d, tl.cos(angle) * ATTN_FACTOR)
+        tl.store(SIN + b * D + d, tl.sin(angle) * ATTN_FACTOR)
+        token = tl.load(TOKENS + b * TOKEN_STRIDE)
+        for k0 in range(0, DIM, BLOCK_DIM):
+            k = k0 + tl.arange(0, BLOCK_DIM)
+            tl.store(H + b * DIM + k, tl.load(EMBED + token * DIM + k, mask=k < DIM), mask=k < DIM)
+
+
 USE_PDL = True  # bench.py decode's ours_no_pdl entry turns it off while it records its graph
 
 
@@ -239,12 +266,22 @@ def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_h
     return out
 
 
+def prologue(model, tokens, cache, cache_pos):
+    """What a step needs before the first layer, in one kernel (as KVCache.mark, model.rotary and model.embed):
+    the slot cache_pos marked valid; the embeddings h (B, dim) of tokens (B, 1); cos, sin (B, head_dim) fp32."""
+    B, dim, D = tokens.shape[0], model.args.dim, model.args.head_dim
+    h = torch.empty(B, dim, dtype=model.embed.weight.dtype, device=tokens.device)
+    cos, sin = (torch.empty(B, D, dtype=torch.float32, device=tokens.device) for _ in range(2))
+    _prologue_kernel[(B,)](tokens, tokens.stride(0), model.embed.weight, h, cache.valid, cache_pos, model.rotary.inv_freq, cos, sin,
+                           cache.max_len, dim, model.rotary.attn_factor, D, 1024, 1024, pdl(h), num_warps=4,
+                           **launch(h))
+    return h, cos, sin
+
+
 def decode_step(model, tokens, cache, cache_pos):
     """Logits (B, vocab) fp32 of one new token per row (tokens (B, 1)), written to cache slot cache_pos."""
-    args, B = model.args, tokens.shape[0]
-    position_ids = cache.mark(cache_pos, torch.ones(B, 1, dtype=torch.bool, device=tokens.device))
-    cos, sin = (t.reshape(B, -1).contiguous() for t in model.rotary(position_ids))
-    h = model.embed(tokens[:, 0])
+    args = model.args
+    h, cos, sin = prologue(model, tokens, cache, cache_pos)
     for i, block in enumerate(model.layers):
         attn, mlp = block.self_attn, block.mlp
         qkv = matvec(h, (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), norm=block.input_layernorm)
