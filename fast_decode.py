@@ -219,17 +219,12 @@ def launch(x) -> dict:
 
 
 def matvec_config(B, N, K, swiglu):
-    """(BLOCK_N, BLOCK_K, num_warps), from a sweep of each projection's shape on an H100: enough programs
-    (>= ~320 of BLOCK_N rows) to keep its 132 SMs loading, and at most ~16k products held per program."""
-    block_n = 16
-    while block_n > 1 and N // block_n < 320:
-        block_n //= 2
-    if B > 1:
-        block_n = max(block_n, 4)
-    block_b = triton.next_power_of_2(B)
-    block_k = max(256, 1024 // block_b // (2 if swiglu else 1))
-    block_n = min(block_n, 16384 // (block_b * block_k))
-    return block_n, block_k, 8 if B > 4 else 4
+    """(BLOCK_N, BLOCK_K, num_warps), from sweeps of whole recorded steps on an H100 (350m and 1.1b presets,
+    batch 1 and 4; figures/probe_h100_decode_sweep.txt): whole rows of up to 2048 columns at batch 1 (fewer
+    as the batch grows), so that most weights are loaded before the wait, and ~4096 products per batch row
+    in each program, which gives several thousand programs to spread the loads over the 132 SMs."""
+    block_k = min(triton.next_power_of_2(K), 2048 // triton.next_power_of_2(B))
+    return max(1, 4096 // (block_k * (2 if swiglu else 1))), block_k, 4
 
 
 def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
@@ -240,7 +235,6 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
     w1, w2, w3 = (list(weights) + [weights[0]] * 2)[:3]
     out = torch.empty(B, N, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_k, warps = matvec_config(B, N, K, swiglu)
-    block_k = min(block_k, triton.next_power_of_2(K))
     while w1.shape[0] % block_n or w2.shape[0] % block_n:  # a block of rows must not straddle two matrices
         block_n //= 2
     _matvec_kernel[(triton.cdiv(N, block_n),)](
