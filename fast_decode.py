@@ -245,8 +245,9 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
     return out
 
 
-# slots per loop step and warps of the attention kernel (two blocks of keys and values are held at once)
-ATTENTION_SLOTS, ATTENTION_WARPS = 128, 4
+# slots per loop step and warps of the attention kernel (two blocks of keys and values are held at once);
+# of 128/4, 256/4, 256/8 and 64/2, 256/8 gave the fastest step on an H100 (figures/probe_h100_decode_sweep.txt)
+ATTENTION_SLOTS, ATTENTION_WARPS = 256, 8
 
 
 def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_heads):
