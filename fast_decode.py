@@ -203,6 +203,21 @@ if triton is not None:
             tl.store(H + b * DIM + k, tl.load(EMBED + token * DIM + k, mask=k < DIM), mask=k < DIM)
 
 
+    @triton.jit
+    def _argmax_kernel(X, OUT, V, ROW_STRIDE, BLOCK: tl.constexpr):
+        # row r: the index of its largest value, the first one on ties (as torch.argmax)
+        r = tl.program_id(0)
+        best, best_i = float("-inf"), 0
+        for v0 in range(0, V, BLOCK):
+            v = v0 + tl.arange(0, BLOCK)
+            x = tl.load(X + r * ROW_STRIDE + v, mask=v < V, other=float("-inf"))
+            m = tl.max(x, axis=0)
+            take = m > best  # strictly larger: an earlier block keeps a tie
+            best_i = tl.where(take, v0 + tl.argmax(x, axis=0, tie_break_left=True), best_i)
+            best = tl.where(take, m, best)
+        tl.store(OUT + r, best_i)
+
+
 USE_PDL = True  # bench.py decode's ours_no_pdl entry turns it off while it records its graph
 
 
@@ -285,3 +300,14 @@ def decode_step(model, tokens, cache, cache_pos):
         m = matvec(h, (mlp.gate_proj.weight, mlp.up_proj.weight), norm=block.post_attention_layernorm, swiglu=True)
         h = matvec(m, (mlp.down_proj.weight,), residual=h)
     return matvec(h, (model.output.weight,), norm=model.final_norm, out_dtype=torch.float32)
+
+
+def argmax(logits):
+    """logits (B, V) -> (B,) int64, as logits.argmax(-1): greedy decoding's pick. torch reduces each row in
+    one thread block, 11.5 us for a 32k vocabulary on an H100 (2% of a 350m step); one Triton program per
+    row with 16 warps reads it in 16k blocks (bench.py decode: ours vs ours_torch_argmax)."""
+    B, V = logits.shape
+    assert logits.stride(1) == 1, "argmax: rows must be contiguous"
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    _argmax_kernel[(B,)](logits, out, V, logits.stride(0), min(16384, triton.next_power_of_2(V)), num_warps=16)
+    return out

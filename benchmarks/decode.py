@@ -5,6 +5,7 @@ Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (pr
                 of a Llama the step is fast_decode.py's Triton kernels (five per layer), else inductor's
   ours_inductor the same loop with the step always inductor's (eval.Decoder kernels=False)
   ours_no_pdl   ours with the kernels launched one after the other (fast_decode.USE_PDL off)
+  ours_torch_argmax  ours with greedy picks by torch's argmax instead of fast_decode.argmax
   ours_eager_prefill  the same, with the prompt pass not compiled (eval.Decoder compile_prefill=False)
   ours_eager    the same loop without torch.compile
   hf_dynamic    transformers generate with its default dynamic cache
@@ -25,7 +26,8 @@ from benchmarks.common import best_wall_s, pick, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
-ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
+ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_torch_argmax", "ours_eager_prefill", "ours_eager",
+           "hf_dynamic", "hf_static"]
 
 
 def run(args):
@@ -70,6 +72,13 @@ def run(args):
                 finally:
                     fast_decode.USE_PDL = True
 
+            def ours_torch_argmax():
+                ev.USE_TRITON_ARGMAX = False
+                try:
+                    ours()
+                finally:
+                    ev.USE_TRITON_ARGMAX = True
+
             def hf_generate(**kw):
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                                   do_sample=False, pad_token_id=0, **kw)
@@ -78,7 +87,7 @@ def run(args):
             # transformers' static cache: generate compiles its decode step itself (wrapping forward in
             # torch.compile as well would compile twice, nested)
             for name, fn, warmup in [("ours", ours, 2), ("ours_inductor", lambda: ours(decoder_inductor), 2),
-                                     ("ours_no_pdl", ours_no_pdl, 2),
+                                     ("ours_no_pdl", ours_no_pdl, 2), ("ours_torch_argmax", ours_torch_argmax, 1),
                                      ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
                                      ("ours_eager", lambda: ours(decoder_eager), 1),
                                      ("hf_dynamic", hf_generate, 1),

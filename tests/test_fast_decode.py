@@ -48,6 +48,11 @@ INTERPRETED = textwrap.dedent("""
                 for a, b in zip(ours.k + ours.v + [ours.valid], ref.k + ref.v + [ref.valid]):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
                 tokens = expected.argmax(-1, keepdim=True)
+    # greedy picks: the first index on ties, rows longer than one block (vocabularies past 16k)
+    x = torch.randn(3, 40000)
+    x[1, 7] = x[1, 39000] = x[1].max() + 1
+    x[2, 20000] = x[2, 30000] = x[2].max() + 1
+    assert fast_decode.argmax(x).tolist() == x.argmax(-1).tolist() == [x[0].argmax().item(), 7, 20000]
     print("ok")
 """)
 
@@ -90,3 +95,12 @@ def test_kernels_match_the_model_step_in_bf16_on_gpu():
             got = fast_decode.decode_step(model, ids[:, -1:], ours, slot)
             # bf16: the kernels sum in another order than cuBLAS; a few bf16 steps of the logits' scale
             assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+
+
+@pytest.mark.gpu
+def test_argmax_equals_torch_on_gpu():
+    import fast_decode
+    x = torch.randn(4, 32000, device="cuda")
+    x[1, 5] = x[1, 31000] = x[1].max() + 1  # ties across blocks and within one: the first index wins
+    x[2, 17000] = x[2, 17001] = x[2].max() + 1
+    assert torch.equal(fast_decode.argmax(x), x.argmax(-1))
