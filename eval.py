@@ -216,7 +216,7 @@ class Decoder:
       - the model's forward under torch.compile(mode="reduce-overhead"): inductor fuses the small ops and
         records the graph itself (any model, any batch size)."""
 
-    def __init__(self, model, compile=False, bucket=256, compile_prefill=True, kernels=True):
+    def __init__(self, model, compile=False, bucket=256, compile_prefill=True, kernels=True, prefill_graphs=True):
         self.model, self.bucket = model, bucket
         self.compiled = compile and next(model.parameters()).is_cuda
         self.kernels = self.compiled and kernels and fast_decode.supported(model)
@@ -227,10 +227,14 @@ class Decoder:
             torch._inductor.config.coordinate_descent_tuning = True
         self._compiled_step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
                                if self.compiled else None)
-        # the prompt pass is compiled too, without a CUDA graph: prompt lengths vary, so after the second
-        # length dynamo compiles one graph with a symbolic length. Eager, the ~270 small kernels of a forward
-        # cost ~25 ms of Python launches (350m preset), a tenth of the time to generate 256 tokens.
-        self._compiled_prefill = torch.compile(self._prefill) if self.compiled and compile_prefill else None
+        # the prompt pass is compiled too: prompt lengths vary, so after the second length dynamo compiles one
+        # graph with a symbolic length. Eager, the ~270 small kernels of a forward cost ~25 ms of Python
+        # launches (350m preset), a tenth of the time to generate 256 tokens; compiled, still 5-8 ms for a
+        # 16-token prompt. With prefill_graphs each prompt shape is also recorded as a CUDA graph the second
+        # time it is seen (inductor's cudagraph trees: one compiled graph, one recording per shape).
+        mode = "reduce-overhead" if prefill_graphs else None
+        self._compiled_prefill = (torch.compile(self._prefill, mode=mode) if self.compiled and compile_prefill
+                                  else None)
         self.cache = None
 
     def _step(self, tokens, cache, cache_pos):

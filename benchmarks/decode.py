@@ -6,6 +6,7 @@ Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (pr
   ours_inductor the same loop with the step always inductor's (eval.Decoder kernels=False)
   ours_no_pdl   ours with the kernels launched one after the other (fast_decode.USE_PDL off)
   ours_torch_argmax  ours with greedy picks by torch's argmax instead of fast_decode.argmax
+  ours_prefill_no_graph  ours with the compiled prompt pass not recorded as a CUDA graph (prefill_graphs=False)
   ours_eager_prefill  the same, with the prompt pass not compiled (eval.Decoder compile_prefill=False)
   ours_eager    the same loop without torch.compile
   hf_dynamic    transformers generate with its default dynamic cache
@@ -26,8 +27,8 @@ from benchmarks.common import best_wall_s, pick, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
-ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_torch_argmax", "ours_eager_prefill", "ours_eager",
-           "hf_dynamic", "hf_static"]
+ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_torch_argmax", "ours_prefill_no_graph",
+           "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
 
 
 def run(args):
@@ -54,6 +55,7 @@ def run(args):
             decoder_inductor = ev.Decoder(model, compile=True, kernels=False)
             decoder_no_pdl = ev.Decoder(model, compile=True)
             decoder_eager_prefill = ev.Decoder(model, compile=True, compile_prefill=False)
+            decoder_prefill_no_graph = ev.Decoder(model, compile=True, prefill_graphs=False)
             prompts = torch.randint(4, args.vocab_size, (B, args.prompt_len)).tolist()
             ids = torch.tensor(prompts, device="cuda")
             mask = torch.ones_like(ids)
@@ -88,6 +90,7 @@ def run(args):
             # torch.compile as well would compile twice, nested)
             for name, fn, warmup in [("ours", ours, 2), ("ours_inductor", lambda: ours(decoder_inductor), 2),
                                      ("ours_no_pdl", ours_no_pdl, 2), ("ours_torch_argmax", ours_torch_argmax, 1),
+                                     ("ours_prefill_no_graph", lambda: ours(decoder_prefill_no_graph), 2),
                                      ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
                                      ("ours_eager", lambda: ours(decoder_eager), 1),
                                      ("hf_dynamic", hf_generate, 1),
@@ -98,6 +101,7 @@ def run(args):
                     fn()
                 print(f"{tag}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
             del decoder, decoder_eager, decoder_eager_prefill, decoder_inductor, decoder_no_pdl
+            del decoder_prefill_no_graph
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf
         reset_peak()
