@@ -1,7 +1,7 @@
 """The one-token decode step of a Llama as five Triton kernels per layer (CUDA only; eval.Decoder uses it).
 
 At batch 1 a decode step reads every weight once for a single token: memory- and launch-bound. torch.compile
-makes ~11 kernels of 2-8 us each out of a layer (README, "Why not faster"), so launches, not bytes, set the
+makes ~11 kernels of 2-8 us each out of a layer (README, decoding), so launches, not bytes, set the
 pace. Here a layer is five kernels, each one pass over its weights with the small work fused in:
 
   1. RMSNorm + q/k/v projections           x = norm(h); qkv = [Wq; Wk; Wv] x
@@ -10,9 +10,10 @@ pace. Here a layer is five kernels, each one pass over its weights with the smal
   4. RMSNorm + gate/up + SwiGLU             m = silu(Wg norm(h)) * (Wu norm(h))
   5. down projection + residual             h = h + Wd m
 
-and the head is one more (final RMSNorm + lm_head). Values are rounded where model.py rounds them (to the
-weights' dtype after each projection, norm, RoPE and activation; fp32 inside), so logits match the PyTorch
-step to bf16 precision (tests/test_fast_decode.py: fp32 in Triton's interpreter on the CPU, bf16 on a GPU).
+plus one kernel before the layers (embedding, new cache slot, RoPE angles: prologue()) and one after
+(final RMSNorm + lm_head). Values are rounded where model.py rounds them (to the weights' dtype after each
+projection, norm, RoPE and activation; fp32 inside), so logits match the PyTorch step to bf16 precision
+(tests/test_fast_decode.py: fp32 in Triton's interpreter on the CPU, bf16 on a GPU).
 decode_step() has the contract of `model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]`; eval.Decoder
 records it as a CUDA graph. On Hopper each kernel starts before the previous one ends (see pdl()).
 """
@@ -26,9 +27,9 @@ except ImportError:
     triton = None
 
 
-# Up to this batch size eval.Decoder uses these kernels (bench.py decode, 350m preset, H100: batch 1 1,593
-# tok/s vs 1,002 for inductor's step, batch 4 3,636 vs 2,642). Each program multiplies a block of weights
-# with every row in fp32, without tensor cores: at batch 8 inductor's step was faster (5,038 vs 4,692).
+# Up to this batch size eval.Decoder uses these kernels (bench.py decode, 350m preset, H100: batch 1 1,923
+# tok/s vs 988 for inductor's step). Each program multiplies a block of weights with every row in fp32,
+# without tensor cores: at batch 8 inductor's step was faster (5,038 vs 4,692, both recorded by torch.compile).
 MAX_BATCH = 4
 
 
@@ -175,10 +176,9 @@ if triton is not None:
             keys, vals = keys_next, vals_next
         tl.store(OUT + (b * H + h) * D + d, (acc / denom).to(OUT.dtype.element_ty))
 
-
     @triton.jit
-    def _prologue_kernel(TOKENS, TOKEN_STRIDE, EMBED, H, VALID, POS, INV_FREQ, COS, SIN, L, DIM, ATTN_FACTOR, D: tl.constexpr,
-                         BLOCK_DIM: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr):
+    def _prologue_kernel(TOKENS, TOKEN_STRIDE, EMBED, H, VALID, POS, INV_FREQ, COS, SIN, L, DIM, ATTN_FACTOR,
+                         D: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr):
         # row b: the new slot marked as a real token, its position (the real tokens before it, so left padding
         # is not counted), the RoPE cos / sin at that position, and the token's embedding
         b = tl.program_id(0)
@@ -201,7 +201,6 @@ if triton is not None:
         for k0 in range(0, DIM, BLOCK_DIM):
             k = k0 + tl.arange(0, BLOCK_DIM)
             tl.store(H + b * DIM + k, tl.load(EMBED + token * DIM + k, mask=k < DIM), mask=k < DIM)
-
 
     @triton.jit
     def _argmax_kernel(X, OUT, V, ROW_STRIDE, BLOCK: tl.constexpr):
@@ -282,9 +281,9 @@ def prologue(model, tokens, cache, cache_pos):
     B, dim, D = tokens.shape[0], model.args.dim, model.args.head_dim
     h = torch.empty(B, dim, dtype=model.embed.weight.dtype, device=tokens.device)
     cos, sin = (torch.empty(B, D, dtype=torch.float32, device=tokens.device) for _ in range(2))
-    _prologue_kernel[(B,)](tokens, tokens.stride(0), model.embed.weight, h, cache.valid, cache_pos, model.rotary.inv_freq, cos, sin,
-                           cache.max_len, dim, model.rotary.attn_factor, D, 1024, 1024, pdl(h), num_warps=4,
-                           **launch(h))
+    _prologue_kernel[(B,)](tokens, tokens.stride(0), model.embed.weight, h, cache.valid, cache_pos,
+                           model.rotary.inv_freq, cos, sin, cache.max_len, dim, model.rotary.attn_factor, D, 1024,
+                           1024, pdl(h), num_warps=4, **launch(h))
     return h, cos, sin
 
 
@@ -305,7 +304,8 @@ def decode_step(model, tokens, cache, cache_pos):
 def argmax(logits):
     """logits (B, V) -> (B,) int64, as logits.argmax(-1): greedy decoding's pick. torch reduces each row in
     one thread block, 11.5 us for a 32k vocabulary on an H100 (2% of a 350m step); one Triton program per
-    row with 16 warps reads it in 16k blocks (bench.py decode: ours vs ours_torch_argmax)."""
+    row with 16 warps reads it in 16k blocks. Worth 3-12 us per token in a probe; within the noise of one
+    bench.py decode run (ours vs ours_torch_argmax: 1,956 vs 1,939 tok/s)."""
     B, V = logits.shape
     assert logits.stride(1) == 1, "argmax: rows must be contiguous"
     out = torch.empty(B, dtype=torch.long, device=logits.device)
