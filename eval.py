@@ -640,7 +640,8 @@ def main(argv=None):
     gen.add_argument("--seed", type=int, help="sampling seed (default: a fresh random one per request, printed)")
     gen.add_argument("--compile", action="store_true",
                      help="CUDA: run the decode step as a CUDA graph (fast_decode.py's Triton kernels for a Llama at "
-                          "batch <= 4, else torch.compile'd) and compile the prompt pass (ignored on the CPU)")
+                          "batch <= 4, else torch.compile'd) and compile the prompt pass, recorded as a CUDA "
+                          "graph per prompt shape (ignored on the CPU)")
 
     pp = sub.add_parser("ppl", parents=[common], help="perplexity and bits per byte on a .bin token file")
     pp.add_argument("--data", required=True, help="token file X.bin (with its X.json) from data_process.py")
