@@ -282,8 +282,9 @@ def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_h
 
 
 def prologue(model, tokens, cache, cache_pos):
-    """What a step needs before the first layer, in one kernel (as KVCache.mark, model.rotary and model.embed):
-    the slot cache_pos marked valid; the embeddings h (B, dim) of tokens (B, 1); cos, sin (B, head_dim) fp32."""
+    """What a step needs before the first layer, in one kernel (as model.forward's cache bookkeeping,
+    model.rotary and model.embed): the slot cache_pos marked valid; the embeddings h (B, dim) of tokens
+    (B, 1); cos, sin (B, head_dim) fp32."""
     B, dim, D = tokens.shape[0], model.args.dim, model.args.head_dim
     h = torch.empty(B, dim, dtype=model.embed.weight.dtype, device=tokens.device)
     cos, sin = (torch.empty(B, D, dtype=torch.float32, device=tokens.device) for _ in range(2))

@@ -377,12 +377,6 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def mark(self, cache_pos, real):
-        """Record which of the new slots cache_pos hold real tokens (real (B, T) bool); returns their
-        positions (B, T): the real tokens before each in its row, so left padding is not counted."""
-        self.valid.index_copy_(1, cache_pos, real)
-        return (self.valid.long().cumsum(1) - 1).index_select(1, cache_pos).clamp(min=0)
-
     def update(self, layer, cache_pos, k, v):
         self.k[layer].index_copy_(2, cache_pos, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, cache_pos, v.to(self.v[layer].dtype))
@@ -622,9 +616,10 @@ class Transformer(nn.Module):
                 cache.length += T
             real = attention_mask[:, -T:].bool() if attention_mask is not None else \
                 torch.ones(B, T, dtype=torch.bool, device=device)
-            positions = cache.mark(cache_pos, real)
-            if position_ids is None:
-                position_ids = positions
+            cache.valid.index_copy_(1, cache_pos, real)
+            if position_ids is None:  # left padding: the position of a token = real tokens before it
+                before = cache.valid.long().cumsum(1) - 1
+                position_ids = before.index_select(1, cache_pos).clamp(min=0)
         elif position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
