@@ -65,21 +65,15 @@ def run(args):
                 out = ev.generate(dec, prompts, cfg, pad_id=0)
                 assert all(len(o) == n_new for o in out)
 
-            def ours_no_pdl():
-                # the launch mode is fixed when the graph is recorded (the first step on a cache): that
-                # happens in this entry's warm-up, so switching back afterwards leaves its graph as it is
-                fast_decode.USE_PDL = False
+            def ours_without(module, switch, dec=decoder):
+                # ours with a module's switch off for this call only. fast_decode.USE_PDL is read when the
+                # graph is recorded (the first step on a cache, in the entry's warm-up): its own decoder keeps
+                # the graph recorded without PDL after the switch is back on
+                setattr(module, switch, False)
                 try:
-                    ours(decoder_no_pdl)
+                    ours(dec)
                 finally:
-                    fast_decode.USE_PDL = True
-
-            def ours_torch_argmax():
-                ev.USE_TRITON_ARGMAX = False
-                try:
-                    ours()
-                finally:
-                    ev.USE_TRITON_ARGMAX = True
+                    setattr(module, switch, True)
 
             def hf_generate(**kw):
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
@@ -89,7 +83,8 @@ def run(args):
             # transformers' static cache: generate compiles its decode step itself (wrapping forward in
             # torch.compile as well would compile twice, nested)
             for name, fn, warmup in [("ours", ours, 2), ("ours_inductor", lambda: ours(decoder_inductor), 2),
-                                     ("ours_no_pdl", ours_no_pdl, 2), ("ours_torch_argmax", ours_torch_argmax, 1),
+                                     ("ours_no_pdl", lambda: ours_without(fast_decode, "USE_PDL", decoder_no_pdl), 2),
+                                     ("ours_torch_argmax", lambda: ours_without(ev, "USE_TRITON_ARGMAX"), 1),
                                      ("ours_prefill_no_graph", lambda: ours(decoder_prefill_no_graph), 2),
                                      ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
                                      ("ours_eager", lambda: ours(decoder_eager), 1),
