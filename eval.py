@@ -23,6 +23,7 @@ eagerly. Read top to bottom:
   CLI
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -205,6 +206,9 @@ def left_pad(prompts, pad_id):
     return ids, mask
 
 
+GREEDY_IN_GRAPH = True  # bench.py decode's ours_pick_outside_graph entry turns it off
+
+
 class Decoder:
     """Owns the model's static KV cache and the one-token step. With compile=True (CUDA only) the step runs
     as a CUDA graph, recorded once and replayed each token, so that the GPU does not wait on Python between
@@ -220,7 +224,7 @@ class Decoder:
         self.model, self.bucket = model, bucket
         self.compiled = compile and next(model.parameters()).is_cuda
         self.kernels = self.compiled and kernels and fast_decode.supported(model)
-        self._graph = None  # the kernels' step recorded: (cache, graph, its token and slot inputs, its logits)
+        self._graphs = {}  # the kernels' step recorded, per greedy True/False (_kernels_graph)
         if self.compiled:
             # as gpt-fast: tune the block sizes of inductor's kernels, most of which read a weight matrix
             # once for a single token (memory-bound); measured ~1.8x faster decode on an H100 (350m preset)
@@ -256,26 +260,78 @@ class Decoder:
         return self._compiled_step(tokens, cache, cache_pos)
 
     def _kernels_step(self, tokens, cache, cache_pos):
-        if self._graph is None or self._graph[0] is not cache:
-            # first step on this cache (new_cache hands the same one back while the shape fits): run it for
-            # real on a side stream, which compiles the Triton kernels, then record the same step reading its
-            # inputs from fixed buffers (recording runs nothing)
-            tokens_in, pos_in = tokens.clone(), cache_pos.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
-            self._graph = (cache, graph, (tokens_in, pos_in), out)
-            return logits
-        _, graph, (tokens_in, pos_in), out = self._graph
+        graph, (tokens_in, pos_in), logits = self._kernels_graph(cache, tokens, cache_pos, greedy=False)
         tokens_in.copy_(tokens)
         pos_in.copy_(cache_pos)
         graph.replay()
-        return out
+        return logits
+
+    def _kernels_graph(self, cache, tokens, cache_pos, greedy):
+        """fast_decode's step on this cache recorded as a CUDA graph that reads its token and slot from fixed
+        buffers; returns (graph, (token buffer, slot buffer), output). With greedy the pick is recorded too:
+        the argmax goes back into the token buffer (the next replay's input) and into picks[slot], and the
+        slot moves on, so replays can follow each other with nothing in between; the output is picks.
+        Recorded on the first step on a cache (new_cache hands the same one back while the shape fits)."""
+        if greedy in self._graphs and self._graphs[greedy][0] is cache:
+            return self._graphs[greedy][1:]
+        tokens_in, pos_in = tokens.clone(), cache_pos.clone()
+        picks = torch.zeros(cache.max_len, tokens.shape[0], dtype=torch.long, device=tokens.device)
+
+        def step():
+            logits = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
+            if not greedy:
+                return logits
+            nxt = fast_decode.argmax(logits)
+            picks.index_copy_(0, pos_in, nxt[None])
+            tokens_in.copy_(nxt[:, None])
+            pos_in.add_(1)
+            return picks
+
+        # run the step for real once on a side stream, which compiles the Triton kernels (recording runs
+        # nothing). It writes this token's keys and values to its slot: the replay that follows writes the same.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        tokens_in.copy_(tokens)
+        pos_in.copy_(cache_pos)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        self._graphs[greedy] = (cache, graph, (tokens_in, pos_in), out)
+        return self._graphs[greedy][1:]
+
+    def picks_in_graph(self, batch_size):
+        """Whether greedy_steps can run: the step is fast_decode's kernels at this batch size."""
+        return GREEDY_IN_GRAPH and self.kernels and batch_size <= fast_decode.MAX_BATCH
+
+    def greedy_steps(self, tokens, cache, slot, n):
+        """Greedy decoding's next n steps after `tokens` (B, 1) at cache slot `slot` (an int), each yielded as
+        a list of B picked ids. The pick is part of the recorded step (_kernels_graph), so the GPU replays
+        step after step; after each replay a side stream copies that step's picks to the host, and the host
+        reads them while the next step runs (a stop found there leaves one wasted step at most)."""
+        slot_t = torch.tensor([slot], device=tokens.device)
+        graph, (tokens_in, pos_in), picks = self._kernels_graph(cache, tokens, slot_t, greedy=True)
+        tokens_in.copy_(tokens)
+        pos_in.fill_(slot)
+        host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+        copier, copied = torch.cuda.Stream(), []
+        for s in range(slot, slot + n):
+            graph.replay()
+            stepped = torch.cuda.Event()
+            stepped.record()
+            with torch.cuda.stream(copier):
+                copier.wait_event(stepped)
+                host[s].copy_(picks[s], non_blocking=True)
+                copied.append(torch.cuda.Event())
+                copied[-1].record()
+            if len(copied) > 1:
+                copied[-2].synchronize()
+                yield host[s - 1].tolist()
+        if copied:
+            copied[-1].synchronize()
+            yield host[slot + n - 1].tolist()
 
     def new_cache(self, batch_size, length):
         """A cache of >= length slots, reused (zeroed) when the shape matches: the CUDA graph recorded for
@@ -376,28 +432,41 @@ def generate(decoder, prompts, cfg: GenerationConfig, pad_id, tokenizer=None, st
     history = torch.cat([input_ids, torch.full((B, cfg.max_new_tokens), pad_id, device=device)], dim=1)
     history_mask = torch.cat([attention_mask, torch.ones(B, cfg.max_new_tokens, dtype=torch.long, device=device)], 1)
     keep_history = cfg.repetition_penalty != 1.0 or bool(cfg.bad_words_ids)
-    new_ids, done = [[] for _ in range(B)], [False] * B
     # each small op below is a kernel between two decode steps (~1.5 us each at ~500 us a step on an H100):
     # the ones that only matter with stop ids / strings or penalties are skipped without them
     can_stop = bool(cfg.stop_ids or cfg.stop_strings)
     done_t = torch.zeros(B, dtype=torch.bool, device=device)
     stop_t = torch.tensor(sorted(cfg.stop_ids), dtype=torch.long, device=device)
-    pos = torch.tensor([T], device=device)
-    for step in range(cfg.max_new_tokens):
-        logits = process_logits(logits, history[:, :T + step], history_mask[:, :T + step], cfg)
-        nxt = next_tokens(logits, cfg)
-        if can_stop:
-            nxt.masked_fill_(done_t, pad_id)  # finished rows only feed padding
-            done_t |= torch.isin(nxt, stop_t)
-        if keep_history:
-            history[:, T + step] = nxt
-        read_tokens = start_copy_to_host(nxt)
-        if step + 1 < cfg.max_new_tokens:
-            # queue the next step on the GPU before reading this token back: the device keeps working while
-            # the host does the bookkeeping below (one wasted step at most, when everything stops here)
-            logits = decoder.step(nxt[:, None], cache, pos)
-            pos += 1
-        for i, tok in enumerate(read_tokens()):
+
+    def steps(logits):
+        # each step's new ids as a host list; the next step is queued on the GPU before a step's ids are read
+        # back, so the device keeps working while the host does the bookkeeping of the loop below
+        pos = torch.tensor([T], device=device)
+        for step in range(cfg.max_new_tokens):
+            logits = process_logits(logits, history[:, :T + step], history_mask[:, :T + step], cfg)
+            nxt = next_tokens(logits, cfg)
+            if can_stop:
+                nxt.masked_fill_(done_t, pad_id)  # finished rows only feed padding
+                done_t.logical_or_(torch.isin(nxt, stop_t))
+            if keep_history:
+                history[:, T + step] = nxt
+            read_tokens = start_copy_to_host(nxt)
+            if step + 1 < cfg.max_new_tokens:
+                logits = decoder.step(nxt[:, None], cache, pos)
+                pos += 1
+            yield read_tokens()
+
+    if cfg.temperature == 0.0 and not keep_history and cfg.max_new_tokens > 0 and decoder.picks_in_graph(B):
+        # greedy with fast_decode's kernels: the picks happen inside the recorded step. Finished rows go on
+        # feeding their own picks, which nobody reads (rows never see each other)
+        first = next_tokens(logits, cfg)
+        ids_per_step = itertools.chain([first.tolist()],
+                                       decoder.greedy_steps(first[:, None], cache, T, cfg.max_new_tokens - 1))
+    else:
+        ids_per_step = steps(logits)
+    new_ids, done = [[] for _ in range(B)], [False] * B
+    for step_ids in ids_per_step:
+        for i, tok in enumerate(step_ids):
             if done[i]:
                 continue
             new_ids[i].append(tok)

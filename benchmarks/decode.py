@@ -5,7 +5,9 @@ Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (pr
                 of a Llama the step is fast_decode.py's Triton kernels (five per layer), else inductor's
   ours_inductor the same loop with the step always inductor's (eval.Decoder kernels=False)
   ours_no_pdl   ours with the kernels launched one after the other (fast_decode.USE_PDL off)
-  ours_torch_argmax  ours with greedy picks by torch's argmax instead of fast_decode.argmax
+  ours_pick_outside_graph  ours with each greedy pick (and the next step's slot) taken between two replays
+                of the recorded step rather than inside it (eval.GREEDY_IN_GRAPH off)
+  ours_torch_argmax  ours_pick_outside_graph with torch's argmax instead of fast_decode.argmax
   ours_prefill_no_graph  ours with the compiled prompt pass not recorded as a CUDA graph (prefill_graphs=False)
   ours_eager_prefill  the same, with the prompt pass not compiled (eval.Decoder compile_prefill=False)
   ours_eager    the same loop without torch.compile
@@ -27,8 +29,8 @@ from benchmarks.common import best_wall_s, pick, require_cuda, reset_peak
 from model import ModelArgs, Transformer
 
 
-ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_torch_argmax", "ours_prefill_no_graph",
-           "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
+ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_pick_outside_graph", "ours_torch_argmax",
+           "ours_prefill_no_graph", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
 
 
 def run(args):
@@ -65,26 +67,30 @@ def run(args):
                 out = ev.generate(dec, prompts, cfg, pad_id=0)
                 assert all(len(o) == n_new for o in out)
 
-            def ours_without(module, switch, dec=decoder):
-                # ours with a module's switch off for this call only. fast_decode.USE_PDL is read when the
-                # graph is recorded (the first step on a cache, in the entry's warm-up): its own decoder keeps
-                # the graph recorded without PDL after the switch is back on
-                setattr(module, switch, False)
+            def ours_without(*switches, dec=decoder):
+                # ours with module switches, (module, name) pairs, off for this call only. fast_decode.USE_PDL
+                # is read when the graph is recorded (the first step on a cache, in the entry's warm-up): its
+                # own decoder keeps the graph recorded without PDL after the switch is back on
+                for module, name in switches:
+                    setattr(module, name, False)
                 try:
                     ours(dec)
                 finally:
-                    setattr(module, switch, True)
+                    for module, name in switches:
+                        setattr(module, name, True)
 
             def hf_generate(**kw):
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                                   do_sample=False, pad_token_id=0, **kw)
                 assert out.shape[1] == args.prompt_len + n_new
 
+            no_pdl, outside, torch_argmax = (fast_decode, "USE_PDL"), (ev, "GREEDY_IN_GRAPH"), (ev, "USE_TRITON_ARGMAX")
             # transformers' static cache: generate compiles its decode step itself (wrapping forward in
             # torch.compile as well would compile twice, nested)
             for name, fn, warmup in [("ours", ours, 2), ("ours_inductor", lambda: ours(decoder_inductor), 2),
-                                     ("ours_no_pdl", lambda: ours_without(fast_decode, "USE_PDL", decoder_no_pdl), 2),
-                                     ("ours_torch_argmax", lambda: ours_without(ev, "USE_TRITON_ARGMAX"), 1),
+                                     ("ours_no_pdl", lambda: ours_without(no_pdl, dec=decoder_no_pdl), 2),
+                                     ("ours_pick_outside_graph", lambda: ours_without(outside), 1),
+                                     ("ours_torch_argmax", lambda: ours_without(outside, torch_argmax), 1),
                                      ("ours_prefill_no_graph", lambda: ours(decoder_prefill_no_graph), 2),
                                      ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
                                      ("ours_eager", lambda: ours(decoder_eager), 1),

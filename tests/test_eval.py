@@ -351,3 +351,8 @@ def test_compiled_decode_matches_eager_on_gpu(ckpt, kernels):
     assert dec.compiled and dec.kernels == kernels and len(PROMPTS) <= fast_decode.MAX_BATCH
     for _ in range(2):  # the 2nd run replays the recorded CUDA graph
         assert ev.generate(dec, PROMPTS, cfg, PAD) == eager
+    # greedy with the kernels picks inside the recorded step (Decoder.greedy_steps): rows stopping early;
+    # with a repetition penalty the picks stay outside (Decoder.step)
+    for extra in ({"stop_ids": [eager[1][5], eager[2][20]]}, {"repetition_penalty": 1.3}):
+        cfg = ev.GenerationConfig(max_new_tokens=32, **{"stop_ids": [], **extra})
+        assert ev.generate(dec, PROMPTS, cfg, PAD) == ev.generate(ev.Decoder(model), PROMPTS, cfg, PAD)
