@@ -281,10 +281,7 @@ class Decoder:
             logits = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
             if not greedy:
                 return logits
-            nxt = fast_decode.argmax(logits)
-            picks.index_copy_(0, pos_in, nxt[None])
-            tokens_in.copy_(nxt[:, None])
-            pos_in.add_(1)
+            fast_decode.argmax(logits, out=tokens_in, picks=picks, slot=pos_in)
             return picks
 
         # run the step for real once on a side stream, which compiles the Triton kernels (recording runs

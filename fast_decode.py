@@ -203,18 +203,30 @@ if triton is not None:
             tl.store(H + b * DIM + k, tl.load(EMBED + token * DIM + k, mask=k < DIM), mask=k < DIM)
 
     @triton.jit
-    def _argmax_kernel(X, OUT, V, ROW_STRIDE, BLOCK: tl.constexpr):
-        # row r: the index of its largest value, the first one on ties (as torch.argmax)
-        r = tl.program_id(0)
-        best, best_i = float("-inf"), 0
-        for v0 in range(0, V, BLOCK):
-            v = v0 + tl.arange(0, BLOCK)
-            x = tl.load(X + r * ROW_STRIDE + v, mask=v < V, other=float("-inf"))
-            m = tl.max(x, axis=0)
-            take = m > best  # strictly larger: an earlier block keeps a tie
-            best_i = tl.where(take, v0 + tl.argmax(x, axis=0, tie_break_left=True), best_i)
-            best = tl.where(take, m, best)
-        tl.store(OUT + r, best_i)
+    def _argmax_kernel(X, OUT, PICKS, SLOT, ROWS, V, ROW_STRIDE, BLOCK: tl.constexpr, RECORD: tl.constexpr,
+                       PDL: tl.constexpr):
+        # rows pid * ROWS .. pid * ROWS + ROWS - 1: the index of each one's largest value, the first one on ties
+        # (as torch.argmax). RECORD (one program for all rows): also PICKS[slot, r] = that index, then slot += 1
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        slot = 0
+        if RECORD:
+            slot = tl.load(SLOT)
+        for r in range(tl.program_id(0) * ROWS, tl.program_id(0) * ROWS + ROWS):
+            best, best_i = float("-inf"), 0
+            for v0 in range(0, V, BLOCK):
+                v = v0 + tl.arange(0, BLOCK)
+                x = tl.load(X + r * ROW_STRIDE + v, mask=v < V, other=float("-inf"))
+                m = tl.max(x, axis=0)
+                take = m > best  # strictly larger: an earlier block keeps a tie
+                best_i = tl.where(take, v0 + tl.argmax(x, axis=0, tie_break_left=True), best_i)
+                best = tl.where(take, m, best)
+            tl.store(OUT + r, best_i)
+            if RECORD:
+                tl.store(PICKS + slot * ROWS + r, best_i)
+        if RECORD:
+            tl.store(SLOT, slot + 1)
 
 
 USE_PDL = True  # bench.py decode's ours_no_pdl entry turns it off while it records its graph
@@ -308,13 +320,20 @@ def decode_step(model, tokens, cache, cache_pos):
     return matvec(h, (model.output.weight,), norm=model.final_norm, out_dtype=torch.float32)
 
 
-def argmax(logits):
+def argmax(logits, out=None, picks=None, slot=None):
     """logits (B, V) -> (B,) int64, as logits.argmax(-1): greedy decoding's pick. torch reduces each row in
     one thread block, 11.5 us for a 32k vocabulary on an H100 (2% of a 350m step); one Triton program per
     row with 16 warps reads it in 16k blocks. Worth 3-12 us per token in a probe; within the noise of one
-    bench.py decode run (ours vs ours_torch_argmax: 1,956 vs 1,939 tok/s)."""
+    bench.py decode run (ours vs ours_torch_argmax: 1,956 vs 1,939 tok/s).
+    eval.Decoder's recorded greedy step passes `out` (the next step's token buffer), `picks` (slots, B) and
+    `slot` (1,): the same kernel, as one program over the rows (it must read the slot before moving it on),
+    also writes picks[slot] and adds one to slot, where three more kernels did that before."""
     B, V = logits.shape
     assert logits.stride(1) == 1, "argmax: rows must be contiguous"
-    out = torch.empty(B, dtype=torch.long, device=logits.device)
-    _argmax_kernel[(B,)](logits, out, V, logits.stride(0), min(16384, triton.next_power_of_2(V)), num_warps=16)
+    out = torch.empty(B, dtype=torch.long, device=logits.device) if out is None else out
+    record = picks is not None
+    grid, rows = ((1,), B) if record else ((B,), 1)
+    _argmax_kernel[grid](logits, out, picks if record else out, slot if record else out, rows, V, logits.stride(0),
+                         min(16384, triton.next_power_of_2(V)), RECORD=record, PDL=pdl(logits), num_warps=16,
+                         **launch(logits))
     return out

@@ -53,6 +53,11 @@ INTERPRETED = textwrap.dedent("""
     x[1, 7] = x[1, 39000] = x[1].max() + 1
     x[2, 20000] = x[2, 30000] = x[2].max() + 1
     assert fast_decode.argmax(x).tolist() == x.argmax(-1).tolist() == [x[0].argmax().item(), 7, 20000]
+    # as recorded in eval.Decoder's greedy step: the picks also go to picks[slot], and the slot moves on
+    out, picks, slot = torch.zeros(3, 1, dtype=torch.long), torch.zeros(8, 3, dtype=torch.long), torch.tensor([5])
+    fast_decode.argmax(x, out=out, picks=picks, slot=slot)
+    assert out[:, 0].tolist() == picks[5].tolist() == x.argmax(-1).tolist() and slot.item() == 6
+    assert not picks[:5].any() and not picks[6:].any()
     print("ok")
 """)
 
