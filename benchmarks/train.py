@@ -4,10 +4,13 @@ Training throughput on one GPU: our model vs transformers' LlamaForCausalLM, sam
     python bench.py train                       # presets 350m and 1.1b at seq 2048, baby at seq 512
     python bench.py train --configs 350m:2048:8  # preset:seq_len:batch
     python bench.py train --sides ours,ours_fp32_residual,hf_compiled
+    python bench.py train --grad_accum 4         # 4 forward+backward passes per optimizer step
 
 Both sides train the same way as pretrain.py does on a GPU: fp32 master weights, bf16 autocast,
-torch.compile, fused AdamW, a full optimizer step per iteration. Ours uses its fused / chunked
-cross-entropy (never materialises fp32 logits of the whole batch) and cuDNN / flash attention through
+torch.compile, fused AdamW, an optimizer step per iteration after --grad_accum forward+backward passes
+over the batch (default 1; more shares the optimizer step's cost among the micro-batches, as pretraining
+runs with pretrain.py --grad_accum do). Ours uses its fused chunked head + cross-entropy (gradients
+computed in forward, never the fp32 logits of the whole batch) and cuDNN / flash attention through
 sdpa, and keeps its residual stream in bf16 (Transformer.bf16_residual; the side `ours_fp32_residual`
 leaves it in fp32 as autocast does); transformers uses its sdpa attention and its own loss on full logits.
 MFU = tokens/s * (6 N + 12 L H Q T) / peak (model.estimate_mfu, PaLM appendix B), peak from trainer.PEAK_FLOPS.
@@ -22,20 +25,23 @@ from trainer import PEAK_FLOPS, peak_flops
 DEFAULT_CONFIGS = "1.1b:2048:8,350m:2048:16,baby:512:32"
 
 
-def time_training(model, forward_loss, batch, steps, warmup):
-    """tokens/s and peak memory of `steps` full training iterations after `warmup` (compilation) ones."""
+def time_training(model, forward_loss, batch, steps, warmup, grad_accum=1):
+    """tokens/s and peak memory of `steps` full training iterations after `warmup` (compilation) ones. An
+    iteration is `grad_accum` forward+backward passes over the batch, then one optimizer step (pretrain.py
+    --grad_accum: the gradient is the mean over the micro-batches), so it trains grad_accum batches of tokens."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     x, y = batch
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward_loss(x, y)
-        loss.backward()
+        for _ in range(grad_accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = forward_loss(x, y) / grad_accum
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     dt = time_steps(step, warmup, steps, reset_peak_after_warmup=True)
-    return steps * x.numel() / dt, peak_gib()
+    return steps * grad_accum * x.numel() / dt, peak_gib()
 
 
 SIDES = ["ours", "ours_fp32_residual", "hf_compiled"]
@@ -62,7 +68,7 @@ def bench_config(preset, seq_len, batch_size, sides, args, peak):
             compiled = torch.compile(model)
             # HF shifts labels itself: labels = inputs gives the same next-token task on T - 1 positions
             forward_loss = lambda a, b: compiled(input_ids=a, labels=a).loss
-        results[side] = time_training(model, forward_loss, (x, y), args.steps, args.warmup)
+        results[side] = time_training(model, forward_loss, (x, y), args.steps, args.warmup, args.grad_accum)
         del model, compiled
         reset_peak()
         torch._dynamo.reset()
@@ -91,6 +97,8 @@ def parse_configs(text):
 def run(args):
     configs = parse_configs(args.configs)  # bad flags fail before any GPU work
     sides = pick(args.sides, SIDES, "train --sides")
+    if args.grad_accum < 1:
+        raise SystemExit(f"bench.py train --grad_accum {args.grad_accum}: must be at least 1")
     require_cuda("train")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
@@ -98,6 +106,7 @@ def run(args):
     print(f"device: {torch.cuda.get_device_name(device)}")
     print(f"peak_bf16_tflops: {peak / 1e12:.0f}" if peak else f"peak_bf16_tflops: unknown (add it to trainer.PEAK_FLOPS: {sorted(PEAK_FLOPS)})")
     print(f"torch: {torch.__version__}")
+    print(f"grad_accum: {args.grad_accum}")
     for preset, seq_len, batch in configs:
         bench_config(preset, seq_len, batch, sides, args, peak)
 
@@ -107,7 +116,10 @@ def add_args(p):
     p.add_argument("--sides", default="ours,hf_compiled",
                    help=f"comma-separated models to time, of {','.join(SIDES)} (ours_fp32_residual: ours with "
                         "the residual stream left in fp32 by autocast, as before the bf16 residual)")
-    p.add_argument("--steps", type=int, default=20, help="timed training iterations per model")
+    p.add_argument("--steps", type=int, default=20, help="timed training iterations (optimizer steps) per model")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="forward+backward passes over the batch per optimizer step, on every side (as "
+                        "pretrain.py --grad_accum); tokens/s counts steps * grad_accum * batch * seq_len tokens")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, autotuning)")
     return p
 

@@ -62,10 +62,39 @@ def test_bad_flags_fail_before_gpu_work(no_cuda):
         bench.main(["train", "--configs", "350m:2048"])
     with pytest.raises(SystemExit, match=r"--sides: unknown \['theirs'\]"):
         bench.main(["train", "--sides", "ours,theirs"])
+    with pytest.raises(SystemExit, match=r"train --grad_accum 0: must be at least 1"):
+        bench.main(["train", "--grad_accum", "0"])
     with pytest.raises(SystemExit, match=r"decode --entries: unknown \['hf_fast'\]"):
         bench.main(["decode", "--entries", "ours,hf_fast"])
     with pytest.raises(SystemExit, match="exactly one of --model"):
         bench.main(["quant", "--data", "x.bin"])
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the cuda autocast is off on CPU
+def test_train_grad_accum_steps_the_optimizer_once_per_micro_batches(monkeypatch):
+    """bench.py train --grad_accum N: every timed iteration is N forward+backward passes over the batch and one
+    optimizer step, and tokens/s counts the tokens of all N (here on CPU, with a clock that reads 1 s)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from benchmarks import train
+
+    def one_second(step, warmup, steps, reset_peak_after_warmup):
+        for _ in range(warmup + steps):
+            step()
+        return 1.0
+
+    monkeypatch.setattr(train, "time_steps", one_second)
+    model = torch.nn.Linear(4, 1)
+    passes, optimizer_steps = [], []
+    handle = register_optimizer_step_post_hook(lambda *a: optimizer_steps.append(1))
+    try:
+        x = torch.zeros(2, 3, 4)
+        tokens_per_s, _ = train.time_training(model, lambda a, b: passes.append(1) or model(a).sum(), (x, None),
+                                              steps=3, warmup=2, grad_accum=4)
+    finally:
+        handle.remove()
+    assert len(passes) == 4 * 5 and len(optimizer_steps) == 5
+    assert tokens_per_s == 3 * 4 * x.numel()
 
 
 def test_quant_random_checkpoint_has_the_data_vocab_and_a_tokenizer(tmp_path):

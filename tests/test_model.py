@@ -281,15 +281,80 @@ def test_loss_is_cross_entropy_with_ignored_targets():
     ref = F.cross_entropy(logits.view(-1, V), y.view(-1), ignore_index=-100)
     torch.testing.assert_close(model(x, targets=y), ref)
     torch.testing.assert_close(model(x, targets=y, reduction="sum"), ref * (y != -100).sum())
-    # chunked + recomputed in backward: same gradients as the plain head
-    h = torch.randn(2, 30, 64, requires_grad=True)
-    w = torch.randn(V, 64, requires_grad=True)
-    chunked_cross_entropy(h, w, y, chunk_tokens=7).backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
+    with torch.no_grad():  # the plain chunked forward, no gradients computed
+        torch.testing.assert_close(model(x, targets=y), ref)
+
+
+def head_and_targets(dtype=torch.float32):
+    """h (2, 30, 64) and a head weight (V, 64), both requiring grad; 15 of the 60 targets ignored (-100)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 30, 64, generator=g).to(dtype).requires_grad_()
+    w = (0.3 * torch.randn(V, 64, generator=g)).requires_grad_()
+    y = torch.randint(0, V, (2, 30), generator=g)
+    y[0, :10], y[1, 25:] = -100, -100
+    return h, w, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("needs", ["both", "h", "weight"])
+def test_fused_cross_entropy_matches_the_plain_head(reduction, needs):
+    """chunked_cross_entropy computes dh and dW in forward, chunk by chunk (7 tokens: the last chunk of the 60
+    is short): loss and gradients equal autograd through F.cross_entropy on the full fp32 logits. fp32;
+    tolerance 1e-5 (abs and rel): only the order of fp32 sums differs (chunks, softmax as exp(logit - lse))."""
+    h, w, y = head_and_targets()
+    h.requires_grad_(needs != "weight")
+    w.requires_grad_(needs != "h")
+    loss = chunked_cross_entropy(h, w, y, reduction, chunk_tokens=7)
+    loss.backward()
+    grads = h.grad, w.grad
     h.grad = w.grad = None
-    F.cross_entropy((h @ w.T).view(-1, V), y.view(-1), ignore_index=-100).backward()
-    torch.testing.assert_close(gh, h.grad)
-    torch.testing.assert_close(gw, w.grad)
+    ref = F.cross_entropy(F.linear(h, w).float().view(-1, V), y.view(-1), ignore_index=-100, reduction=reduction)
+    ref.backward()
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref, **tol)
+    for ours, theirs in zip(grads, (h.grad, w.grad)):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_cross_entropy(h, w, y, reduction, chunk_tokens=7), ref, **tol)
+
+
+def test_fused_cross_entropy_under_bf16_autocast():
+    """Under autocast the head GEMMs run in bf16 (the fp32 weight cast once), the softmax in fp32, and the
+    gradients come back in the inputs' dtypes (bf16 h, fp32 master weight). The loss equals autograd's through
+    F.linear under the same autocast; the gradients are compared with fp32 math on the bf16-rounded inputs
+    (what the GEMMs see). Tolerance: bf16 rounds the logits' gradient and the GEMM outputs to 2^-8 relative,
+    so 1% of the largest gradient entry."""
+    h, w, y = head_and_targets(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, y, chunk_tokens=7)
+        ref = F.cross_entropy(F.linear(h, w).float().view(-1, V), y.view(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().bfloat16().float().requires_grad_()
+    F.cross_entropy(F.linear(h32, w32).view(-1, V), y.view(-1), ignore_index=-100).backward()
+    for ours, exact in ((h.grad, h32.grad), (w.grad, w32.grad)):
+        torch.testing.assert_close(ours.float(), exact, atol=0.01 * exact.abs().max().item(), rtol=0)
+
+
+def test_compiled_training_step_equals_eager():
+    """torch.compile traces the fused cross-entropy's autograd.Function in one graph (fullgraph: no break);
+    loss and every gradient equal eager's (fp32, inductor reorders sums: 1e-5 relative)."""
+    model = tiny().train()
+    x, y = tokens(T=30), tokens(T=30, seed=1)
+    y[:, :10] = -100
+    results = []
+    for forward in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        loss = forward(x, targets=y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, grads), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox"])
