@@ -275,7 +275,7 @@ class Decoder:
         if greedy in self._graphs and self._graphs[greedy][0] is cache:
             return self._graphs[greedy][1:]
         tokens_in, pos_in = tokens.clone(), cache_pos.clone()
-        picks = torch.zeros(cache.max_len, tokens.shape[0], dtype=torch.long, device=tokens.device)
+        picks = torch.zeros(cache.max_len, tokens.shape[0], dtype=torch.long, device=tokens.device) if greedy else None
 
         def step():
             logits = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
