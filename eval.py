@@ -275,13 +275,15 @@ class Decoder:
         if greedy in self._graphs and self._graphs[greedy][0] is cache:
             return self._graphs[greedy][1:]
         tokens_in, pos_in = tokens.clone(), cache_pos.clone()
-        picks = torch.zeros(cache.max_len, tokens.shape[0], dtype=torch.long, device=tokens.device) if greedy else None
+        # greedy: the picks by slot, and the argmax kernel's count of rows done
+        picks = torch.zeros(cache.max_len, tokens.shape[0], dtype=torch.long, device=tokens.device)
+        arrived = torch.zeros(1, dtype=torch.int32, device=tokens.device)
 
         def step():
             logits = fast_decode.decode_step(self.model, tokens_in, cache, pos_in)
             if not greedy:
                 return logits
-            fast_decode.argmax(logits, out=tokens_in, picks=picks, slot=pos_in)
+            fast_decode.argmax(logits, out=tokens_in, record=(picks, pos_in, arrived))
             return picks
 
         # run the step for real once on a side stream, which compiles the Triton kernels (recording runs

@@ -203,30 +203,32 @@ if triton is not None:
             tl.store(H + b * DIM + k, tl.load(EMBED + token * DIM + k, mask=k < DIM), mask=k < DIM)
 
     @triton.jit
-    def _argmax_kernel(X, OUT, PICKS, SLOT, ROWS, V, ROW_STRIDE, BLOCK: tl.constexpr, RECORD: tl.constexpr,
+    def _argmax_kernel(X, OUT, PICKS, SLOT, ARRIVED, B, V, ROW_STRIDE, BLOCK: tl.constexpr, RECORD: tl.constexpr,
                        PDL: tl.constexpr):
-        # rows pid * ROWS .. pid * ROWS + ROWS - 1: the index of each one's largest value, the first one on ties
-        # (as torch.argmax). RECORD (one program for all rows): also PICKS[slot, r] = that index, then slot += 1
+        # row r: the index of its largest value, the first one on ties (as torch.argmax). RECORD: also
+        # PICKS[slot, r] = that index, and the last row to get there moves the slot on
+        r = tl.program_id(0)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        slot = 0
+        best, best_i = float("-inf"), 0
+        for v0 in range(0, V, BLOCK):
+            v = v0 + tl.arange(0, BLOCK)
+            x = tl.load(X + r * ROW_STRIDE + v, mask=v < V, other=float("-inf"))
+            m = tl.max(x, axis=0)
+            take = m > best  # strictly larger: an earlier block keeps a tie
+            best_i = tl.where(take, v0 + tl.argmax(x, axis=0, tie_break_left=True), best_i)
+            best = tl.where(take, m, best)
+        tl.store(OUT + r, best_i)
         if RECORD:
             slot = tl.load(SLOT)
-        for r in range(tl.program_id(0) * ROWS, tl.program_id(0) * ROWS + ROWS):
-            best, best_i = float("-inf"), 0
-            for v0 in range(0, V, BLOCK):
-                v = v0 + tl.arange(0, BLOCK)
-                x = tl.load(X + r * ROW_STRIDE + v, mask=v < V, other=float("-inf"))
-                m = tl.max(x, axis=0)
-                take = m > best  # strictly larger: an earlier block keeps a tie
-                best_i = tl.where(take, v0 + tl.argmax(x, axis=0, tie_break_left=True), best_i)
-                best = tl.where(take, m, best)
-            tl.store(OUT + r, best_i)
-            if RECORD:
-                tl.store(PICKS + slot * ROWS + r, best_i)
-        if RECORD:
-            tl.store(SLOT, slot + 1)
+            tl.store(PICKS + slot * B + r, best_i)
+            tl.debug_barrier()  # all of this program has read the slot before it counts itself in
+            # ARRIVED counts the rows done; the atomic (acquire-release) orders every row's read of the slot
+            # before the last row's write of it
+            if tl.atomic_add(ARRIVED, 1) == B - 1:
+                tl.store(SLOT, slot + 1)
+                tl.store(ARRIVED, 0)
 
 
 USE_PDL = True  # bench.py decode's ours_no_pdl entry turns it off while it records its graph
@@ -320,20 +322,19 @@ def decode_step(model, tokens, cache, cache_pos):
     return matvec(h, (model.output.weight,), norm=model.final_norm, out_dtype=torch.float32)
 
 
-def argmax(logits, out=None, picks=None, slot=None):
+def argmax(logits, out=None, record=None):
     """logits (B, V) -> (B,) int64, as logits.argmax(-1): greedy decoding's pick. torch reduces each row in
     one thread block, 11.5 us for a 32k vocabulary on an H100 (2% of a 350m step); one Triton program per
     row with 16 warps reads it in 16k blocks. Worth 3-12 us per token in a probe; within the noise of one
     bench.py decode run (ours vs ours_torch_argmax: 1,956 vs 1,939 tok/s).
-    eval.Decoder's recorded greedy step passes `out` (the next step's token buffer), `picks` (slots, B) and
-    `slot` (1,): the same kernel, as one program over the rows (it must read the slot before moving it on),
-    also writes picks[slot] and adds one to slot, where three more kernels did that before."""
+    eval.Decoder's recorded greedy step passes `out`, the next step's token buffer, and record = (picks
+    (slots, B), slot (1,), arrived (1,) int32 zero): the kernel also writes picks[slot] and adds one to
+    slot, where three more kernels did that before."""
     B, V = logits.shape
     assert logits.stride(1) == 1, "argmax: rows must be contiguous"
     out = torch.empty(B, dtype=torch.long, device=logits.device) if out is None else out
-    record = picks is not None
-    grid, rows = ((1,), B) if record else ((B,), 1)
-    _argmax_kernel[grid](logits, out, picks if record else out, slot if record else out, rows, V, logits.stride(0),
-                         min(16384, triton.next_power_of_2(V)), RECORD=record, PDL=pdl(logits), num_warps=16,
-                         **launch(logits))
+    picks, slot, arrived = record or (out, out, out)  # unused without record
+    _argmax_kernel[(B,)](logits, out, picks, slot, arrived, B, V, logits.stride(0),
+                         min(16384, triton.next_power_of_2(V)), RECORD=record is not None, PDL=pdl(logits),
+                         num_warps=16, **launch(logits))
     return out

@@ -55,9 +55,12 @@ INTERPRETED = textwrap.dedent("""
     assert fast_decode.argmax(x).tolist() == x.argmax(-1).tolist() == [x[0].argmax().item(), 7, 20000]
     # as recorded in eval.Decoder's greedy step: the picks also go to picks[slot], and the slot moves on
     out, picks, slot = torch.zeros(3, 1, dtype=torch.long), torch.zeros(8, 3, dtype=torch.long), torch.tensor([5])
-    fast_decode.argmax(x, out=out, picks=picks, slot=slot)
-    assert out[:, 0].tolist() == picks[5].tolist() == x.argmax(-1).tolist() and slot.item() == 6
-    assert not picks[:5].any() and not picks[6:].any()
+    arrived = torch.zeros(1, dtype=torch.int32)
+    for step in range(2):
+        fast_decode.argmax(x, out=out, record=(picks, slot, arrived))
+        assert out[:, 0].tolist() == picks[5 + step].tolist() == x.argmax(-1).tolist()
+        assert slot.item() == 6 + step and arrived.item() == 0
+    assert not picks[:5].any() and not picks[7:].any()
     print("ok")
 """)
 
