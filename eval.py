@@ -690,7 +690,7 @@ def main(argv=None):
                         help="context to use (ppl window, chat history) instead of the trained one: length extrapolation")
     common.add_argument("--rope_scaling", help='override the rope scaling, JSON, e.g. \'{"rope_type":"yarn","factor":2}\' '
                         '(scaled relative to the trained length)')
-    common.add_argument("--attn_impl", help="override the attention backend (eager | sdpa | flex | flash_attn | auto)")
+    common.add_argument("--attn_impl", help="override the attention backend (eager | sdpa | flex | flash_attn | fa4 | auto)")
     common.add_argument("--no_bos", action="store_true", help="do not start prompts with the BOS token")
     gen = argparse.ArgumentParser(add_help=False)
     gen.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")

@@ -6,7 +6,7 @@ written by `save_pretrained` loads in `AutoModelForCausalLM.from_pretrained` wit
 
   ModelArgs      the hyperparameters (+ named presets)
   RoPE           rotary position embedding and its scalings (linear, ntk, dynamic, yarn, llama3)
-  attention      one function, four backends (eager, sdpa, flex, flash_attn) + the masks they need
+  attention      one function, five backends (eager, sdpa, flex, flash_attn, fa4) + the masks they need
   KVCache        static preallocated cache for incremental decoding (gpt-fast style)
   blocks         Llama (RMSNorm, SwiGLU) and NeoX (LayerNorm, GELU, parallel residual) layers
   Transformer    forward (logits or chunked loss), generate, save/load in the HF folder format
@@ -26,13 +26,18 @@ try:  # FlexAttention: block-sparse masks compiled into one kernel (torch >= 2.5
 except ImportError:
     flex_attention = None
 
-try:  # the flash-attn package, used only when it imports
+try:  # the flash-attn package (FlashAttention-2), used only when it imports
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
     flash_attn_func = None
 
+try:  # flash-attn-4 (CuTe DSL kernels for Hopper and Blackwell GPUs), used only when it imports
+    from flash_attn.cute.interface import _flash_attn_bwd as fa4_backward_kernel, _flash_attn_fwd as fa4_forward_kernel
+except (ImportError, OSError):
+    fa4_forward_kernel = None
+
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
-ATTN_IMPLS = ("auto", "eager", "sdpa", "flex", "flash_attn")
+ATTN_IMPLS = ("auto", "eager", "sdpa", "flex", "flash_attn", "fa4")
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -55,7 +60,7 @@ class ModelArgs:
     use_parallel_residual: bool = True  # neox: x + attn(ln1(x)) + mlp(ln2(x))
     tie_word_embeddings: bool = False
     dropout: float = 0.0
-    attn_impl: str = "auto"  # eager | sdpa | flex | flash_attn | auto
+    attn_impl: str = "auto"  # eager | sdpa | flex | flash_attn | fa4 | auto
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -193,22 +198,48 @@ def rope_inv_freq(args: ModelArgs, seq_len=None):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin of the angles m * theta_i in the HF "rotate-half" layout: dims (i, i + d/2) form a pair."""
+    """cos/sin of the angles m * theta_i in the HF "rotate-half" layout: dims (i, i + d/2) form a pair.
+
+    Positions below max_seq_len read fp32 tables made once. Computed inside a compiled model instead, cos and
+    sin are fused into every layer's RoPE kernel, forward and backward, and evaluated again for each element
+    of every head: that made those kernels compute-bound (3x their memory time at 1.1B). Dynamic NTK
+    rescales with the length, so it always computes."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         inv_freq, self.attn_factor = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._make_tables()
 
-    def forward(self, position_ids):
+    def _make_tables(self):
+        dynamic = self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic"
+        positions = torch.arange(0 if dynamic else self.args.max_seq_len, device=self.inv_freq.device)
+        cos, sin = self._cos_sin(positions, self.inv_freq)
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) casts every float buffer: remake the tables in fp32, from inv_freq as the computed
+        # path sees it, so that both paths agree in any dtype (and on a device after to_empty)
+        super()._apply(fn, recurse)
+        self._make_tables()
+        return self
+
+    def _cos_sin(self, position_ids, inv_freq):
+        angles = position_ids[..., None].float() * inv_freq.float()  # (..., d/2), fp32 whatever the dtype
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos() * self.attn_factor, emb.sin() * self.attn_factor
+
+    def forward(self, position_ids, max_pos):
+        """max_pos: a bound on the positions known from shapes alone (T without a KV cache, its length with one)."""
+        if max_pos <= len(self.cos_table):
+            return self.cos_table[position_ids], self.sin_table[position_ids]
         inv_freq = self.inv_freq
         if self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
             inv_freq, _ = rope_inv_freq(self.args, seq_len=position_ids.max() + 1)
             inv_freq = inv_freq.to(position_ids.device)
-        angles = position_ids[..., None].float() * inv_freq.float()  # (B, T, d/2), fp32 whatever the dtype
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos() * self.attn_factor, emb.sin() * self.attn_factor
+        return self._cos_sin(position_ids, inv_freq)
 
 
 def apply_rope(x, cos, sin):
@@ -226,11 +257,22 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- attention
 
 def resolve_attn_impl(impl: str, device: torch.device, packed=False) -> str:
-    """auto: flash_attn if installed; else on a GPU FlexAttention for packed documents (it skips the
-    masked-out blocks) and sdpa for plain causal rows (its cuDNN / flash kernels are faster there); sdpa on CPU."""
+    """auto on a GPU: flash-attn-4 for plain causal rows on Hopper or newer when installed (faster than cuDNN on
+    an H100: README, training); else flash_attn if installed; else FlexAttention for packed documents (it skips
+    the masked-out blocks) and sdpa (its cuDNN / flash kernels) for plain rows. sdpa on CPU."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    if impl in ("flash_attn", "fa4"):
+        package = {"flash_attn": "flash-attn", "fa4": "flash-attn-4"}[impl]
+        if (flash_attn_func if impl == "flash_attn" else fa4_forward_kernel) is None:
+            raise ValueError(f"attn_impl={impl}: {package} is not installed (pip install {package})")
+        if device.type != "cuda" or (impl == "fa4" and not hopper):
+            raise ValueError(f"attn_impl={impl}: {package} needs an NVIDIA GPU"
+                             + (" of compute capability 9.0 or newer (H100, B200)" if impl == "fa4" else ""))
     if impl != "auto":
         return impl
     if device.type == "cuda":
+        if not packed and fa4_forward_kernel is not None and hopper:
+            return "fa4"
         if flash_attn_func is not None:
             return "flash_attn"
         if packed and flex_attention is not None:
@@ -251,6 +293,40 @@ def _flex(q, k, v, block_mask):
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+# flash-attn-4's kernels are CuTe DSL programs that torch.compile cannot trace. Registered as custom ops, with a
+# shape-only ("fake") version for tracing and the backward kernel as their gradient, a compiled model keeps one
+# graph around them. Layout (B, T, H, D), the projections' own: no transposes in or out, forward or backward.
+if fa4_forward_kernel is not None:
+    @torch.library.custom_op("llm::fa4_causal", mutates_args=(), device_types="cuda")
+    def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention; returns the output and the row log-sum-exp the backward needs."""
+        out, lse = fa4_forward_kernel(q, k, v, causal=True, return_lse=True)[:2]
+        return out, lse
+
+    @fa4_causal.register_fake
+    def _(q, k, v):
+        B, T, H, _ = q.shape
+        return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
+
+    @torch.library.custom_op("llm::fa4_causal_backward", mutates_args=(), device_types="cuda")
+    def fa4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = fa4_backward_kernel(q, k, v, out, dout, lse, causal=True)
+        return dq, dk, dv
+
+    @fa4_causal_backward.register_fake
+    def _(dout, q, k, v, out, lse):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _fa4_save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+
+    def _fa4_grad(ctx, dout, dlse):  # dlse: nothing downstream uses the log-sum-exp
+        return fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
+
+    fa4_causal.register_autograd(_fa4_grad, setup_context=_fa4_save)
+
+
 def repeat_kv(x, n_rep):
     """(B, Hkv, S, D) -> (B, Hkv*n_rep, S, D): each kv head serves n_rep query heads (GQA)."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
@@ -261,6 +337,8 @@ def attention(q, k, v, impl, mask, dropout_p=0.0):
     `mask` is what `build_attn_mask` made for this backend: None (plain causal), a bool tensor
     (B, 1, T, S) with True = may attend, a flex BlockMask, or flash_attn's (cu_seqlens, max_len)."""
     n_rep = q.shape[1] // k.shape[1]
+    if impl == "fa4" and (dropout_p > 0 or q.dtype not in (torch.bfloat16, torch.float16)):
+        impl = "sdpa"  # flash-attn-4 has no dropout and no fp32 kernels
     if impl == "eager":  # the readable reference
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -289,12 +367,16 @@ def attention(q, k, v, impl, mask, dropout_p=0.0):
                                        cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout_p, causal=True)
             y = y.view(B, T, H, D)
         return y.transpose(1, 2)
+    if impl == "fa4":  # GQA as is: kv heads are shared by their query heads inside the kernel
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # views of (B, T, H, D) tensors: no copy
+        return fa4_causal(q, k, v)[0].transpose(1, 2)
     raise ValueError(f"attn_impl: unknown backend {impl!r}")
 
 
 def build_attn_mask(impl, T, device, doc_ids=None, attention_mask=None, cache=None, cache_pos=None):
     """Make the mask once per forward; every layer uses it. Returns (impl, mask): a backend that cannot
-    express the mask (flex/flash_attn with padding or a KV cache) falls back to sdpa with an explicit mask."""
+    express the mask (flex/flash_attn with padding or a KV cache, fa4 with anything but plain causal rows)
+    falls back to sdpa with an explicit mask."""
     if cache is not None:
         # query at cache slot p sees slots <= p that hold real tokens (left padding is not real), and
         # always itself so that a padding query has a finite softmax. Static shape (B, 1, T, max_len).
@@ -331,7 +413,8 @@ def build_attn_mask(impl, T, device, doc_ids=None, attention_mask=None, cache=No
         cu_seqlens = torch.cat([start_idx, start_idx.new_tensor([flat.numel()])]).to(torch.int32)
         return impl, (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return impl, (causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+    mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return ("eager" if impl == "eager" else "sdpa"), mask[:, None]
 
 
 _causal_block_masks = {}
@@ -676,7 +759,7 @@ class Transformer(nn.Module):
 
         impl = resolve_attn_impl(self.args.attn_impl, device, packed=doc_ids is not None)
         impl, mask = build_attn_mask(impl, T, device, doc_ids, attention_mask, cache, cache_pos)
-        cos, sin = self.rotary(position_ids)
+        cos, sin = self.rotary(position_ids, cache.max_len if cache is not None else T)
 
         x = self.drop(self.embed(input_ids))
         if self.bf16_residual and torch.is_autocast_enabled(device.type) and \

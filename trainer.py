@@ -447,7 +447,9 @@ class Trainer:
             if self.dtype == "float16":
                 self.scaler = torch.amp.GradScaler("cuda")  # loss scaling keeps small fp16 grads from flushing to 0
             m = torch.compile(model) if args.compile else model
-            self.model = DDP(m, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.distributed else m
+            # the model's buffers (RoPE tables) are the same on every rank and never change: no broadcast per forward
+            self.model = DDP(m, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                             broadcast_buffers=False) if d.distributed else m
         if ckpt:
             self.load_state(ckpt)
         # autocast runs matmuls in the low precision while the master weights stay fp32 (DDP path;

@@ -3,23 +3,26 @@ Training throughput on one GPU: our model vs transformers' LlamaForCausalLM, sam
 
     python bench.py train                       # presets 350m and 1.1b at seq 2048, baby at seq 512
     python bench.py train --configs 350m:2048:8  # preset:seq_len:batch
-    python bench.py train --sides ours,ours_fp32_residual,hf_compiled
+    python bench.py train --sides ours,ours_sdpa,ours_fp32_residual,hf_compiled
     python bench.py train --grad_accum 4         # 4 forward+backward passes per optimizer step
 
 Both sides train the same way as pretrain.py does on a GPU: fp32 master weights, bf16 autocast,
 torch.compile, fused AdamW, an optimizer step per iteration after --grad_accum forward+backward passes
 over the batch (default 1; more shares the optimizer step's cost among the micro-batches, as pretraining
 runs with pretrain.py --grad_accum do). Ours uses its fused chunked head + cross-entropy (gradients
-computed in forward, never the fp32 logits of the whole batch) and cuDNN / flash attention through
-sdpa, and keeps its residual stream in bf16 (Transformer.bf16_residual; the side `ours_fp32_residual`
-leaves it in fp32 as autocast does); transformers uses its sdpa attention and its own loss on full logits.
+computed in forward, never the fp32 logits of the whole batch), RoPE tables, the attention `auto` picks
+(flash-attn-4 on Hopper when installed, else cuDNN / flash through sdpa; the side `ours_sdpa` forces sdpa),
+and keeps its residual stream in bf16 (Transformer.bf16_residual; the side `ours_fp32_residual` leaves it
+in fp32 as autocast does); transformers uses its sdpa attention and its own loss on full logits.
 MFU = tokens/s * (6 N + 12 L H Q T) / peak (model.estimate_mfu, PaLM appendix B), peak from trainer.PEAK_FLOPS.
 Prints `name: value` lines, e.g. `train_1.1b_seq2048_b4_ours_tokens/s: 68500`.
 """
+import dataclasses
+
 import torch
 
 from benchmarks.common import peak_gib, pick, require_cuda, reset_peak, time_steps
-from model import ModelArgs, Transformer, hf_config
+from model import ModelArgs, Transformer, hf_config, resolve_attn_impl
 from trainer import PEAK_FLOPS, peak_flops
 
 DEFAULT_CONFIGS = "1.1b:2048:8,350m:2048:16,baby:512:32"
@@ -44,7 +47,7 @@ def time_training(model, forward_loss, batch, steps, warmup, grad_accum=1):
     return steps * grad_accum * x.numel() / dt, peak_gib()
 
 
-SIDES = ["ours", "ours_fp32_residual", "hf_compiled"]
+SIDES = ["ours", "ours_sdpa", "ours_fp32_residual", "hf_compiled"]
 
 
 def bench_config(preset, seq_len, batch_size, sides, args, peak):
@@ -58,8 +61,9 @@ def bench_config(preset, seq_len, batch_size, sides, args, peak):
     results = {}
     for side in sides:
         if side.startswith("ours"):
-            model = Transformer(margs).cuda()
-            model.bf16_residual = side == "ours"  # ours_fp32_residual: the residual stream as autocast leaves it
+            impl = "sdpa" if side == "ours_sdpa" else margs.attn_impl  # ours_sdpa: cuDNN where auto picks flash-attn-4
+            model = Transformer(dataclasses.replace(margs, attn_impl=impl)).cuda()
+            model.bf16_residual = side != "ours_fp32_residual"  # autocast alone leaves the residual stream in fp32
             compiled = torch.compile(model)
             forward_loss = lambda a, b: compiled(a, targets=b)
         else:
@@ -74,6 +78,7 @@ def bench_config(preset, seq_len, batch_size, sides, args, peak):
         torch._dynamo.reset()
 
     name = f"train_{preset}_seq{seq_len}_b{batch_size}"
+    print(f"{name}_ours_attention: {resolve_attn_impl(margs.attn_impl, torch.device('cuda'))}")
     for side, (tok_s, mem) in results.items():
         print(f"{name}_{side}_tokens/s: {tok_s:.0f}")
         print(f"{name}_{side}_mfu: {100 * tok_s * flops_per_token / peak:.1f}%" if peak else f"{name}_{side}_mfu: n/a")
@@ -114,8 +119,9 @@ def run(args):
 def add_args(p):
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated preset:seq_len:batch_size")
     p.add_argument("--sides", default="ours,hf_compiled",
-                   help=f"comma-separated models to time, of {','.join(SIDES)} (ours_fp32_residual: ours with "
-                        "the residual stream left in fp32 by autocast, as before the bf16 residual)")
+                   help=f"comma-separated models to time, of {','.join(SIDES)} (ours_sdpa: ours with attention "
+                        "through sdpa even where flash-attn-4 is installed; ours_fp32_residual: ours with the residual "
+                        "stream left in fp32 by autocast, as before the bf16 residual)")
     p.add_argument("--steps", type=int, default=20, help="timed training iterations (optimizer steps) per model")
     p.add_argument("--grad_accum", type=int, default=1,
                    help="forward+backward passes over the batch per optimizer step, on every side (as "

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from model import (ModelArgs, Transformer, chunked_cross_entropy, doc_ids_from_eos, flex_attention,
-                   position_ids_from_doc_ids)
+import model as M
+from model import (ModelArgs, RotaryEmbedding, Transformer, build_attn_mask, chunked_cross_entropy, doc_ids_from_eos,
+                   flex_attention, position_ids_from_doc_ids, resolve_attn_impl)
 
 V, MAXPOS, LONG = 97, 32, 48  # LONG > MAXPOS: rope scaling is exercised past the trained length
 
@@ -165,6 +166,21 @@ def packed_row():
     x[0, 9], x[0, 25], x[1, 14], x[1, 30] = 2, 2, 2, 2
     doc_ids = doc_ids_from_eos(x, 2)
     return x, doc_ids, position_ids_from_doc_ids(doc_ids)
+
+
+@pytest.mark.parametrize("name", [None] + list(ROPES))
+def test_rope_tables_equal_the_computed_angles(name):
+    """Positions below max_seq_len read the tables; a larger bound takes the computed path. Both agree, also
+    after model.to(bf16) (the tables are remade in fp32 from the cast inv_freq); dynamic NTK always computes."""
+    rotary = RotaryEmbedding(ModelArgs.preset("tiny", max_seq_len=64, rope_scaling=ROPES[name] if name else None))
+    pos = torch.tensor([[0, 1, 5, 63], [7, 7, 2, 40]])
+    for dtype in (torch.float32, torch.bfloat16):
+        rotary.to(dtype)
+        assert rotary.cos_table.dtype == torch.float32
+        assert len(rotary.cos_table) == (0 if name == "dynamic" else 64)
+        for table, computed in zip(rotary(pos, max_pos=64), rotary(pos, max_pos=65)):
+            torch.testing.assert_close(table, computed, atol=1e-6, rtol=1e-6)
+    assert rotary(pos, max_pos=64)[0].abs().max() > 0.5  # real values
 
 
 def test_packing_helpers():
@@ -413,6 +429,19 @@ def test_num_params_equals_transformers(preset):
     assert ours.estimate_mfu(1000.0, peak_flops=1e12) == pytest.approx(1000.0 * flops / 1e12)
 
 
+@pytest.mark.skipif(M.fa4_forward_kernel is not None, reason="flash-attn-4 is installed")
+def test_fa4_backend_needs_its_package_and_falls_back_where_it_cannot_run():
+    cpu = torch.device("cpu")
+    assert resolve_attn_impl("auto", cpu) == "sdpa"
+    with pytest.raises(ValueError, match=r"attn_impl=fa4: flash-attn-4 is not installed \(pip install flash-attn-4\)"):
+        tiny(attn_impl="fa4")(tokens(T=8))
+    # packed documents and padding need masks that flash-attn-4 is not given: sdpa with an explicit mask
+    x, doc_ids, _ = packed_row()
+    assert build_attn_mask("fa4", 40, cpu, doc_ids=doc_ids)[0] == "sdpa"
+    assert build_attn_mask("fa4", 40, cpu, attention_mask=torch.ones(2, 40))[0] == "sdpa"
+    assert build_attn_mask("fa4", 40, cpu) == ("fa4", None)
+
+
 # ----------------------------------------------------------------------------- GPU (H100)
 
 gpu = pytest.mark.gpu
@@ -425,15 +454,24 @@ def gpu_model(arch="llama", **kw):
     return Transformer(ModelArgs(arch=arch, **kw)).cuda()
 
 
+def needs_fa4():
+    if M.fa4_forward_kernel is None:
+        pytest.skip("flash-attn-4 is not installed")
+
+
 @gpu
-@pytest.mark.parametrize("impl", ["sdpa", "flex", "flash_attn"])
+@pytest.mark.parametrize("impl", ["sdpa", "flex", "flash_attn", "fa4"])
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
-def test_gpu_bf16_backend_matches_fp32_eager(impl, packed):
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_gpu_bf16_backend_matches_fp32_eager(impl, packed, arch):
     """bf16 logits of each fast backend vs the fp32 eager reference. Tolerance: bf16 carries 8 mantissa bits
-    (relative step 2^-8 = 0.004) and errors accumulate over 2 layers, so |diff| <= 0.05 + 0.02*|ref|."""
-    if impl == "flash_attn":
-        pytest.importorskip("flash_attn")
-    model = gpu_model()
+    (relative step 2^-8 = 0.004) and errors accumulate over 2 layers, so |diff| <= 0.05 + 0.02*|ref|.
+    fa4 with packed documents runs its sdpa fallback."""
+    if impl == "flash_attn" and M.flash_attn_func is None:  # flash-attn-4 alone also makes `flash_attn` import
+        pytest.skip("flash-attn (2) is not installed")
+    if impl == "fa4":
+        needs_fa4()
+    model = gpu_model(arch)
     x = torch.randint(3, 1000, (4, 1024), device="cuda")
     x[:, 300], x[:, 700] = 2, 2
     doc = doc_ids_from_eos(x, 2) if packed else None
@@ -464,6 +502,33 @@ def test_gpu_backend_gradients_match_eager(impl):
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
     # TF32/flash kernels reorder sums; gradients agree to ~1e-3 relative
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_gpu_fa4_compiled_training_step_matches_sdpa(arch):
+    """flash-attn-4 as custom ops: one graph under torch.compile(fullgraph=True), and the bf16-autocast loss and
+    attention gradients of a compiled step agree with sdpa's (GQA 8 query / 2 kv heads for Llama; NeoX hands
+    strided q, k, v views over its fused projection). bf16 kernels that sum in another order: gradients agree
+    to ~1% relative; a wrong dq / dk / dv (or the missing causal mask) is off by far more."""
+    needs_fa4()
+    assert resolve_attn_impl("auto", torch.device("cuda")) == "fa4"
+    model = gpu_model(arch)
+    x = torch.randint(3, 1000, (2, 1024), device="cuda")
+    attn = model.model.layers[0].self_attn if arch == "llama" else model.gpt_neox.layers[0].attention
+    weights = [p for p in attn.parameters() if p.dim() == 2]
+    losses, grads = {}, {}
+    for impl in ("sdpa", "fa4"):
+        model.args.attn_impl = impl
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(model, fullgraph=True)(x, targets=x.roll(-1, 1))
+        loss.backward()
+        losses[impl], grads[impl] = loss.item(), [w.grad.clone() for w in weights]
+        torch._dynamo.reset()
+    assert losses["fa4"] == pytest.approx(losses["sdpa"], rel=1e-3)
+    for g_fa4, g_sdpa in zip(grads["fa4"], grads["sdpa"]):
+        assert (g_fa4 - g_sdpa).norm() / g_sdpa.norm() < 0.02
 
 
 @gpu
