@@ -41,7 +41,7 @@ from tqdm import tqdm
 import fast_decode
 from data_process import check_token_file, load_token_file
 from dataset_sft import render_chat
-from model import Transformer, sample
+from model import ATTN_IMPLS, Transformer, sample
 from tokenizer import Tokenizer
 
 
@@ -690,7 +690,7 @@ def main(argv=None):
                         help="context to use (ppl window, chat history) instead of the trained one: length extrapolation")
     common.add_argument("--rope_scaling", help='override the rope scaling, JSON, e.g. \'{"rope_type":"yarn","factor":2}\' '
                         '(scaled relative to the trained length)')
-    common.add_argument("--attn_impl", help="override the attention backend (eager | sdpa | flex | flash_attn | fa4 | auto)")
+    common.add_argument("--attn_impl", help=f"override the attention backend ({' | '.join(ATTN_IMPLS)})")
     common.add_argument("--no_bos", action="store_true", help="do not start prompts with the BOS token")
     gen = argparse.ArgumentParser(add_help=False)
     gen.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")

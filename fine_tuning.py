@@ -27,7 +27,7 @@ import shutil
 
 import torch
 
-from model import Transformer, args_from_config
+from model import ATTN_IMPLS, Transformer, args_from_config
 from trainer import add_train_args, print0, resolve_dtype, seed_everything, setup_distributed, str2bool, train
 
 # peft target module names (the last part of a module's name) per architecture: attention and MLP
@@ -224,7 +224,7 @@ def get_parser():
     g.add_argument("--s2_attn", type=str2bool, default=False,
                    help="LongLoRA shifted sparse attention while training: groups of max_seq_len/4 tokens, half "
                         "the heads shifted by half a group (needs --sft_mode padding)")
-    g.add_argument("--attn_impl", default="auto", help="attention backend: auto | eager | sdpa | flex | flash_attn | fa4")
+    g.add_argument("--attn_impl", default="auto", help=f"attention backend: {' | '.join(ATTN_IMPLS)}")
     g.add_argument("--lora", type=str2bool, default=False, help="train a LoRA adapter (peft) instead of all weights")
     g.add_argument("--lora_r", type=int, default=8, help="LoRA rank r")
     g.add_argument("--lora_alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / r")

@@ -60,7 +60,7 @@ class ModelArgs:
     use_parallel_residual: bool = True  # neox: x + attn(ln1(x)) + mlp(ln2(x))
     tie_word_embeddings: bool = False
     dropout: float = 0.0
-    attn_impl: str = "auto"  # eager | sdpa | flex | flash_attn | fa4 | auto
+    attn_impl: str = "auto"  # one of ATTN_IMPLS
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -208,13 +208,13 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.dynamic = bool(args.rope_scaling) and args.rope_scaling["rope_type"] == "dynamic"
         inv_freq, self.attn_factor = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._make_tables()
 
     def _make_tables(self):
-        dynamic = self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic"
-        positions = torch.arange(0 if dynamic else self.args.max_seq_len, device=self.inv_freq.device)
+        positions = torch.arange(0 if self.dynamic else self.args.max_seq_len, device=self.inv_freq.device)
         cos, sin = self._cos_sin(positions, self.inv_freq)
         self.register_buffer("cos_table", cos, persistent=False)
         self.register_buffer("sin_table", sin, persistent=False)
@@ -236,7 +236,7 @@ class RotaryEmbedding(nn.Module):
         if max_pos <= len(self.cos_table):
             return self.cos_table[position_ids], self.sin_table[position_ids]
         inv_freq = self.inv_freq
-        if self.args.rope_scaling and self.args.rope_scaling["rope_type"] == "dynamic":
+        if self.dynamic:
             inv_freq, _ = rope_inv_freq(self.args, seq_len=position_ids.max() + 1)
             inv_freq = inv_freq.to(position_ids.device)
         return self._cos_sin(position_ids, inv_freq)
@@ -261,9 +261,10 @@ def resolve_attn_impl(impl: str, device: torch.device, packed=False) -> str:
     an H100: README, training); else flash_attn if installed; else FlexAttention for packed documents (it skips
     the masked-out blocks) and sdpa (its cuDNN / flash kernels) for plain rows. sdpa on CPU."""
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    if impl in ("flash_attn", "fa4"):
-        package = {"flash_attn": "flash-attn", "fa4": "flash-attn-4"}[impl]
-        if (flash_attn_func if impl == "flash_attn" else fa4_forward_kernel) is None:
+    packages = {"flash_attn": (flash_attn_func, "flash-attn"), "fa4": (fa4_forward_kernel, "flash-attn-4")}
+    if impl in packages:
+        kernel, package = packages[impl]
+        if kernel is None:
             raise ValueError(f"attn_impl={impl}: {package} is not installed (pip install {package})")
         if device.type != "cuda" or (impl == "fa4" and not hopper):
             raise ValueError(f"attn_impl={impl}: {package} needs an NVIDIA GPU"
@@ -378,6 +379,7 @@ def build_attn_mask(impl, T, device, doc_ids=None, attention_mask=None, cache=No
     """Make the mask once per forward; every layer uses it. Returns (impl, mask): a backend that cannot
     express the mask (flex/flash_attn with padding or a KV cache, fa4 with anything but plain causal rows)
     falls back to sdpa with an explicit mask."""
+    explicit = "eager" if impl == "eager" else "sdpa"  # the backends that take any bool mask
     if cache is not None:
         # query at cache slot p sees slots <= p that hold real tokens (left padding is not real), and
         # always itself so that a padding query has a finite softmax. Static shape (B, 1, T, max_len).
@@ -385,14 +387,14 @@ def build_attn_mask(impl, T, device, doc_ids=None, attention_mask=None, cache=No
         seen = slots[None, :] <= cache_pos[:, None]  # (T, max_len)
         own = slots[None, :] == cache_pos[:, None]
         mask = seen[None] & (cache.valid[:, None, :] | own[None])
-        return ("eager" if impl == "eager" else "sdpa"), mask[:, None]
+        return explicit, mask[:, None]
     if attention_mask is not None:  # padding in a plain forward
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         eye = torch.eye(T, dtype=torch.bool, device=device)
         mask = causal[None] & (attention_mask.bool()[:, None, :] | eye[None])
         if doc_ids is not None:
             mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-        return ("eager" if impl == "eager" else "sdpa"), mask[:, None]
+        return explicit, mask[:, None]
     if doc_ids is None:
         if impl == "flex":
             return impl, _causal_block_mask(T, str(device))
@@ -415,7 +417,7 @@ def build_attn_mask(impl, T, device, doc_ids=None, attention_mask=None, cache=No
         return impl, (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    return ("eager" if impl == "eager" else "sdpa"), mask[:, None]
+    return explicit, mask[:, None]
 
 
 _causal_block_masks = {}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data_process import check_token_file, load_token_file
-from model import ModelArgs, Transformer, doc_ids_from_eos, position_ids_from_doc_ids, PRESETS
+from model import ATTN_IMPLS, ModelArgs, Transformer, doc_ids_from_eos, position_ids_from_doc_ids, PRESETS
 from tokenizer import Tokenizer
 from trainer import add_train_args, print0, seed_everything, setup_distributed, str2bool, train
 
@@ -127,7 +127,7 @@ def main():
     p.add_argument("--rope_theta", type=float, default=None, help="override: RoPE base")
     p.add_argument("--dropout", type=float, default=None, help="override: dropout probability")
     p.add_argument("--tie_word_embeddings", type=str2bool, default=None, help="override: share embedding and output head")
-    p.add_argument("--attn_impl", default=None, help="override: eager | sdpa | flex | flash_attn | fa4 | auto")
+    p.add_argument("--attn_impl", default=None, help=f"override: {' | '.join(ATTN_IMPLS)}")
     p.add_argument("--reset_mask", type=str2bool, default=False, help="attention never crosses an EOS (document) boundary")
     p.add_argument("--reset_position_ids", type=str2bool, default=False, help="positions restart at 0 in each document")
     add_train_args(p)
