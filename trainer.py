@@ -216,6 +216,16 @@ def make_optimizer(model, args, device, offload=False):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8, fused=fused)
 
 
+def compiled_autograd():
+    """A context in which torch.compile also traces the backward as autograd runs it, the gradient accumulation
+    into .grad included. Under bf16 autocast each weight's bf16 gradient is cast to fp32 and added into its fp32
+    .grad: plain autograd does this in two passes over fp32 memory, a cast kernel in the compiled backward and an
+    add kernel per weight after it; compiled, the two fuse into one (+0.6% MFU at 1.1B on an H100, README).
+    The forward runs inside too, as torch asks. The entry point is private torch API (2.11 to 2.13)."""
+    from torch._dynamo.compiled_autograd import _enable
+    return _enable(torch.compile, dynamic=False)
+
+
 def get_lr(step, args):
     """Linear warmup to lr, then cosine decay to min_lr at lr_decay_steps, flat after.
     lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * (s - warmup) / (decay - warmup))) / 2"""
@@ -457,6 +467,10 @@ class Trainer:
         use_amp = self.engine is None and self.dtype != "float32"
         self.autocast = (torch.autocast(d.device.type, dtype=getattr(torch, self.dtype)) if use_amp
                          else contextlib.nullcontext())
+        # compiled autograd where nothing else hooks into the backward: DDP's gradient all-reduce and DeepSpeed's
+        # engine keep the plain one
+        self.backward_ctx = (compiled_autograd if args.compile and self.engine is None and not d.distributed
+                             else contextlib.nullcontext)
         self.seq_len = None
         self.logger = Logger(args, d.is_main)
         self.stop = StopSignal()
@@ -487,14 +501,16 @@ class Trainer:
         n_global = int(all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=d.device)).item())
         # DDP and DeepSpeed average gradients over ranks (/world), DeepSpeed also over micro-steps
         # (/grad_accum); scale so the gradient is d(sum of token losses / n_global)
-        scale = d.world_size * (args.grad_accum if self.engine else 1) / max(n_global, 1)
+        # (a tensor: a python number in the backward trips torch 2.11's compiled autograd)
+        scale = torch.tensor(d.world_size * (args.grad_accum if self.engine else 1) / max(n_global, 1),
+                             device=d.device)
         loss_sum = torch.zeros((), device=d.device, dtype=torch.float32)
         for m, batch in enumerate(batches):
             last = m == args.grad_accum - 1
             batch = self.to_device(batch)
             # DDP: all-reduce the gradients only on the last micro-step, accumulate locally before
             sync = self.model.no_sync() if isinstance(self.model, DDP) and not last else contextlib.nullcontext()
-            with sync:
+            with sync, self.backward_ctx():
                 loss = self.forward(batch)
                 if self.engine is not None:
                     self.engine.backward(loss * scale)

@@ -9,37 +9,43 @@ Training throughput on one GPU: our model vs transformers' LlamaForCausalLM, sam
 Both sides train the same way as pretrain.py does on a GPU: fp32 master weights, bf16 autocast,
 torch.compile, fused AdamW, an optimizer step per iteration after --grad_accum forward+backward passes
 over the batch (default 1; more shares the optimizer step's cost among the micro-batches, as pretraining
-runs with pretrain.py --grad_accum do). Ours uses its fused chunked head + cross-entropy (gradients
-computed in forward, never the fp32 logits of the whole batch), RoPE tables, the attention `auto` picks
-(flash-attn-4 on Hopper when installed, else cuDNN / flash through sdpa; the side `ours_sdpa` forces sdpa),
-and keeps its residual stream in bf16 (Transformer.bf16_residual; the side `ours_fp32_residual` leaves it
-in fp32 as autocast does); transformers uses its sdpa attention and its own loss on full logits.
+runs with pretrain.py --grad_accum do). Ours also compiles its backward with compiled autograd, as
+pretrain.py --compile does on one GPU (trainer.compiled_autograd); transformers is compiled as its users do.
+Ours uses its fused chunked head + cross-entropy (gradients computed in forward, never the fp32 logits of the
+whole batch), RoPE tables, the attention `auto` picks (flash-attn-4 on Hopper when installed, else cuDNN /
+flash through sdpa; the side `ours_sdpa` forces sdpa), and keeps its residual stream in bf16
+(Transformer.bf16_residual; the side `ours_fp32_residual` leaves it in fp32 as autocast does); transformers
+uses its sdpa attention and its own loss on full logits.
 MFU = tokens/s * (6 N + 12 L H Q T) / peak (model.estimate_mfu, PaLM appendix B), peak from trainer.PEAK_FLOPS.
 Prints `name: value` lines, e.g. `train_1.1b_seq2048_b4_ours_tokens/s: 68500`.
 """
+import contextlib
 import dataclasses
 
 import torch
 
 from benchmarks.common import peak_gib, pick, require_cuda, reset_peak, time_steps
 from model import ModelArgs, Transformer, hf_config, resolve_attn_impl
-from trainer import PEAK_FLOPS, peak_flops
+from trainer import PEAK_FLOPS, compiled_autograd, peak_flops
 
 DEFAULT_CONFIGS = "1.1b:2048:8,350m:2048:16,baby:512:32"
 
 
-def time_training(model, forward_loss, batch, steps, warmup, grad_accum=1):
+def time_training(model, forward_loss, batch, steps, warmup, grad_accum=1, backward_ctx=contextlib.nullcontext):
     """tokens/s and peak memory of `steps` full training iterations after `warmup` (compilation) ones. An
     iteration is `grad_accum` forward+backward passes over the batch, then one optimizer step (pretrain.py
-    --grad_accum: the gradient is the mean over the micro-batches), so it trains grad_accum batches of tokens."""
+    --grad_accum: the gradient is the mean over the micro-batches), so it trains grad_accum batches of tokens.
+    Each pass runs inside `backward_ctx()` (trainer.compiled_autograd for our sides, as pretrain.py does)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     x, y = batch
+    scale = torch.tensor(1.0 / grad_accum, device=x.device)  # a tensor, as in trainer.py (compiled autograd)
 
     def step():
         for _ in range(grad_accum):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = forward_loss(x, y) / grad_accum
-            loss.backward()
+            with backward_ctx():
+                with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                    loss = forward_loss(x, y) * scale
+                loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -66,13 +72,16 @@ def bench_config(preset, seq_len, batch_size, sides, args, peak):
             model.bf16_residual = side != "ours_fp32_residual"  # autocast alone leaves the residual stream in fp32
             compiled = torch.compile(model)
             forward_loss = lambda a, b: compiled(a, targets=b)
+            backward_ctx = compiled_autograd
         else:
             cfg = LlamaConfig(**{k: v for k, v in hf_config(margs).items() if k not in ("architectures", "model_type")})
             model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").cuda()
             compiled = torch.compile(model)
             # HF shifts labels itself: labels = inputs gives the same next-token task on T - 1 positions
             forward_loss = lambda a, b: compiled(input_ids=a, labels=a).loss
-        results[side] = time_training(model, forward_loss, (x, y), args.steps, args.warmup, args.grad_accum)
+            backward_ctx = contextlib.nullcontext  # torch.compile as transformers users run it
+        results[side] = time_training(model, forward_loss, (x, y), args.steps, args.warmup, args.grad_accum,
+                                      backward_ctx)
         del model, compiled
         reset_peak()
         torch._dynamo.reset()

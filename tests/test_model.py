@@ -73,6 +73,21 @@ def test_llama_matches_transformers(tmp_path, n_kv_heads, tied):
     assert_same_logits(hf, ours, tokens())
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_llama_training_gradients_match_transformers(tmp_path, n_kv_heads):
+    """Training mode, our fused cross-entropy (gradients computed in forward): every gradient, by HF name,
+    equals transformers' autograd through its logits and plain cross-entropy."""
+    hf, folder = hf_llama(tmp_path, n_kv_heads)
+    ours = Transformer.from_pretrained(folder, attn_impl="eager").train()
+    x, y = tokens(), tokens(seed=1)
+    hf.train()
+    F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).backward()
+    ours(x, targets=y).backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, hf_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 ROPES = {
     "linear": {"rope_type": "linear", "factor": 2.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},
