@@ -94,7 +94,8 @@ def add_train_args(parser):
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="training precision; auto = bfloat16 on a GPU that has it, float32 on CPU")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (the local rank picks the GPU)")
-    g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
+    g.add_argument("--compile", type=str2bool, default=False,
+                   help="torch.compile the model (in a single process also the backward, through compiled autograd)")
     g.add_argument("--gradient_checkpointing", type=str2bool, default=False,
                    help="recompute layer activations in backward (less memory, ~30%% more compute)")
     g.add_argument("--seed", type=int, default=1337, help="seed for model init and data sampling")
@@ -220,7 +221,7 @@ def compiled_autograd():
     """A context in which torch.compile also traces the backward as autograd runs it, the gradient accumulation
     into .grad included. Under bf16 autocast each weight's bf16 gradient is cast to fp32 and added into its fp32
     .grad: plain autograd does this in two passes over fp32 memory, a cast kernel in the compiled backward and an
-    add kernel per weight after it; compiled, the two fuse into one (+0.6% MFU at 1.1B on an H100, README).
+    add kernel per weight after it; compiled, the two fuse into one (1.1B on an H100: 55.5% -> 56.1% MFU, README).
     The forward runs inside too, as torch asks. The entry point is private torch API (2.11 to 2.13)."""
     from torch._dynamo.compiled_autograd import _enable
     return _enable(torch.compile, dynamic=False)
