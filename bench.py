@@ -20,10 +20,7 @@ import shlex
 import sys
 
 from benchmarks import NAMES
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Docstrings keep their layout; every flag's help shows its default."""
+from cli import HelpFormatter
 
 
 class Tee:

@@ -7,19 +7,17 @@
 Our folder already loads in transformers (config.json has the HF keys); `--to hf` only leaves out our
 own "model_args" key. The weights themselves are the same tensors in every direction (tested bit-exact).
 """
-import argparse
 import glob
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict
 
 import torch
 
-from model import TOKENIZER_FILES, ModelArgs, Transformer, _atomic, _write_json
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+import cli
+from checkpoint import atomic_write, copy_files, head_name, read_config, tokenizer_files, write_json
+from model import ModelArgs, Transformer
 
 # Meta's params.json keys we understand (anything else is a model this file cannot reproduce)
 META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
@@ -88,7 +86,7 @@ def load_meta(folder, max_seq_len):
                      tie_word_embeddings="output.weight" not in sd)
     state = {"model.embed_tokens.weight": sd.pop("tok_embeddings.weight"), "model.norm.weight": sd.pop("norm.weight")}
     if "output.weight" in sd:
-        state["lm_head.weight"] = sd.pop("output.weight")
+        state[head_name("llama") + ".weight"] = sd.pop("output.weight")
     for key, w in sd.items():
         m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)
         if m is None or m.group(2) not in META_TO_HF:
@@ -104,54 +102,41 @@ def load_meta(folder, max_seq_len):
 def detect_format(folder):
     if os.path.exists(os.path.join(folder, "params.json")) and glob.glob(os.path.join(folder, "consolidated.*.pth")):
         return "meta"
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
+    if not os.path.exists(os.path.join(folder, "config.json")):
         raise SystemExit(f"{folder}: neither config.json nor params.json + consolidated.*.pth")
-    with open(config_path) as f:
-        return "ours" if "model_args" in json.load(f) else "hf"
-
-
-def find_tokenizer(folder):
-    """The tokenizer files of a source folder (to copy beside the weights)."""
-    return [os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(folder, f))]
+    return "ours" if "model_args" in read_config(folder) else "hf"
 
 
 def convert(src, dst, to="ours", dtype="auto", tokenizer=None, max_seq_len=4096, **overrides):
     """Read src (any format), write dst as our folder or (to="hf") a plain transformers folder."""
     fmt = detect_format(src)
-    dtype = DTYPES[dtype]
+    dtype = dtype if dtype == "auto" else cli.torch_dtype(dtype)
     if fmt == "meta":
         args, state = load_meta(src, max_seq_len)
         args = ModelArgs(**{**asdict(args), **overrides})
         model = Transformer(args)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - ({"lm_head.weight"} if args.tie_word_embeddings else set()):
+        if unexpected or set(missing) - ({head_name("llama") + ".weight"} if args.tie_word_embeddings else set()):
             raise SystemExit(f"{src}: weights do not match params.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
         model = model.to(next(iter(state.values())).dtype if dtype == "auto" else dtype)
     else:
         model = Transformer.from_pretrained(src, dtype=dtype, **overrides)
-    tokenizer_files = [tokenizer] if tokenizer else find_tokenizer(src)
     model.save_pretrained(dst)
-    for f in tokenizer_files:
-        target = os.path.join(dst, os.path.basename(f))
-        if os.path.abspath(f) != os.path.abspath(target):
-            _atomic(target, lambda p, f=f: shutil.copyfile(f, p))
+    copy_files([tokenizer] if tokenizer else tokenizer_files(src), dst)
     if to == "hf":  # transformers ignores our key anyway; a plain HF folder just does not carry it
-        config_path = os.path.join(dst, "config.json")
-        with open(config_path) as f:
-            config = json.load(f)
+        config = read_config(dst)
         config.pop("model_args")
-        _atomic(config_path, lambda p: _write_json(config, p))
+        atomic_write(os.path.join(dst, "config.json"), lambda p: write_json(config, p))
     return fmt, model
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("src", help="source folder: ours, a HF Llama/GPT-NeoX folder, or Meta's raw release")
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=["ours", "hf"], default="ours",
                    help="ours: config.json with our model_args too; hf: a plain transformers folder")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weight dtype (auto keeps the stored one)")
+    p.add_argument("--dtype", choices=[*cli.DTYPES, "auto"], default="auto", help="weight dtype (auto keeps the stored one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file to copy in (default: the one in src, if any)")
     p.add_argument("--max_seq_len", type=int, default=4096,
                    help="trained context for Meta checkpoints (params.json does not record it)")

@@ -1,31 +1,36 @@
-"""Chat data for supervised fine-tuning: readers, THE chat template, token files and training datasets.
+"""Chat data for supervised fine-tuning: sample formats -> SFT token files.
 
     alpaca / sharegpt / OpenAI json(l) ──to_messages──► [{"role", "content"}, ...]
-        ──render_chat──► ids + loss mask ──prepare──► X.bin (tokens) + X_mask.bin (uint8) + X.json
-        ──SFTDataset──► rows {"input_ids", "targets"[, "doc_ids", "position_ids"]} for model.py
+        ──tokenizer.render_chat──► ids + loss mask ──prepare──► X.bin (tokens) + X_mask.bin (uint8) + X.json
+        ──sft_data.SFTDataset──► training rows for fine_tuning.py
 
-The chat template (one function, also imported by eval.py's chat, so training and inference agree):
+The chat template is tokenizer.render_chat (eval.py's chat calls the same function, so training and
+inference agree):
 
     <s> <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> ...
     mask:  0 everywhere except the assistant's text tokens and its <|end|> (1 = trained on)
 
-A row's targets are the next token where that token is trained: targets[t] = ids[t+1] if mask[t+1]
-else -100. So the FIRST reply token is trained (predicted from <|assistant|>), and the model learns to
-close its reply with <|end|> (chat stops there); nothing of the prompt ever counts in the loss.
+Each sample is followed by EOS (mask 0), the document separator of all token files.
 
     python dataset_sft.py chatterbot --out data/chat.jsonl            # default SFT data -> sharegpt jsonl
     python dataset_sft.py prepare --data data/chat.jsonl --tokenizer tokenizer/tokenizer.model \
         --out data/sft --val_ratio 0.1                                # data/sft_{train,val}{.bin,_mask.bin,.json}
 """
-import argparse
+import collections
+import contextlib
 import glob
 import json
 import os
 
 import numpy as np
-import torch
 
-ROLES = ("system", "user", "assistant")
+import cli
+from checkpoint import atomic_write
+from corpus import BadInput, imap_ordered, init_worker, input_format, open_binary, records, worker_tokenizer
+from sft_data import SFTDataset
+from tokenizer import CHAT_TOKENS, ROLES, Tokenizer, render_chat
+from tokens import TokenFileWriter, is_val_doc, token_dtype
+
 # sharegpt speaker names -> our roles (the original "human"/"gpt" and the newer "user"/"assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -123,17 +128,14 @@ def to_messages(sample) -> list[dict]:
 
 def read_samples(path: str):
     """Yield (where, sample) for every record of a JSON list, JSON lines or parquet file (optionally .gz/.zst),
-    streamed by data_process.py's readers; `where` names file, line and sample index for error messages."""
-    from data_process import BadInput, _json_records, _jsonl_records, _open_binary, _parquet_records, input_format
-
+    streamed by corpus.py's readers; `where` names file, line and sample index for error messages."""
     fmt = input_format(path)
     if fmt == "txt":
         raise SystemExit(f"{path}: SFT data must be .json, .jsonl or .parquet (alpaca, sharegpt or OpenAI messages)")
-    with _open_binary(path) as f:
-        records = {"jsonl": _jsonl_records, "json": _json_records, "parquet": _parquet_records}[fmt](path, f)
+    with open_binary(path) as f:
         i = 0
         try:
-            for lineno, sample in records:
+            for lineno, sample in records(path, f, fmt):
                 if isinstance(sample, BadInput):
                     raise sample
                 if isinstance(sample, str) and not sample.strip():  # a blank line in JSON lines
@@ -144,37 +146,18 @@ def read_samples(path: str):
             raise SystemExit(f"{e}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# THE chat template
-
-def _piece_ids(tokenizer, piece: str) -> list[int]:
-    """One id for a special piece such as <|user|>; a tokenizer without it spells the marker as text."""
-    i = tokenizer.token_id(piece)
-    return [i] if i is not None else tokenizer.encode(piece)
-
-
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """messages -> (ids, mask): <s> then <|role|> content <|end|> per message; mask 1 = trained on.
-
-    The mask is 1 on each assistant reply's content tokens and its <|end|>, 0 on <s>, on every role
-    token and on all system/user tokens. add_generation_prompt appends <|assistant|> (for chat).
-    Markers written inside a content stay text (Tokenizer.encode_text_batch): only this function makes turns.
-    """
-    end = _piece_ids(tokenizer, "<|end|>")
-    contents = tokenizer.encode_text_batch([m["content"] for m in messages]) if messages else []
-    ids, mask = [tokenizer.bos_id], [0]
-    for m, content in zip(messages, contents):
-        if m["role"] not in ROLES:
-            raise ValueError(f"unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
-        role = _piece_ids(tokenizer, f"<|{m['role']}|>")
-        trained = int(m["role"] == "assistant")
-        ids += role + content + end
-        mask += [0] * len(role) + [trained] * (len(content) + len(end))
-    if add_generation_prompt:
-        role = _piece_ids(tokenizer, "<|assistant|>")
-        ids += role
-        mask += [0] * len(role)
-    return ids, mask
+def conversations(files, skip_bad_samples: bool, counts):
+    """Checked messages of every sample, in order. A bad sample stops the run naming file, line and sample
+    index, or with skip_bad_samples is counted and skipped."""
+    for path in files:
+        for where, sample in read_samples(path):
+            counts["samples_read"] += 1
+            try:
+                yield to_messages(sample)
+            except BadSample as e:
+                if not skip_bad_samples:
+                    raise SystemExit(f"{where}: {e} (or pass --skip_bad_samples)")
+                counts["bad_samples"] += 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,147 +206,14 @@ def convert_chatterbot(out: str, languages: list[str], corpus_dir: str | None = 
         corpus_dir = os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data")
     counts = dict(dialogues=0, samples=0, dropped_unanswered_turns=0, skipped_malformed=0)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".tmp", "w", encoding="utf-8") as f:
-        for sample in chatterbot_samples(corpus_dir, languages, counts):
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    os.replace(out + ".tmp", out)
+
+    def write(path):
+        with open(path, "w", encoding="utf-8") as f:
+            for sample in chatterbot_samples(corpus_dir, languages, counts):
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+    atomic_write(out, write)
     return counts
-
-
-# ----------------------------------------------------------------------------------------------------
-# training datasets
-
-def fit_turns(mask: np.ndarray, budget: int) -> int:
-    """Length of the longest prefix made of whole turns that fits in `budget` tokens (0: not even one reply).
-
-    A turn ends with its reply's <|end|>: the last token of each run of 1s in the mask.
-    """
-    turn_ends = np.flatnonzero((mask == 1) & (np.append(mask[1:], 0) == 0)) + 1
-    fits = turn_ends[turn_ends <= budget]
-    return int(fits[-1]) if len(fits) else 0
-
-
-class SFTDataset(torch.utils.data.IterableDataset):
-    """Rows of max_seq_len tokens from an SFT token file, one epoch per `iter()`; resumable.
-
-    mode="padding": one sample per row, right-padded (causal attention never looks at the pads).
-    mode="packing": whole samples spliced into rows; each row also carries doc_ids (which sample a
-        token belongs to: model.py attends only within equal doc_ids = reset_mask) and position_ids
-        restarting at 0 in each sample (= reset_position_ids), so a packed sample computes exactly
-        what it computes alone in a padded row.
-    A sample keeps its trailing EOS, so model.doc_ids_from_eos(input_ids) gives the same doc_ids
-    (when pad_id != eos_id, as with our tokenizer; the pads then form one last document).
-    A sample longer than a row keeps its whole turns from the start; one whose first reply does not
-    fit is dropped (counts in .stats). Each epoch is a fresh seeded shuffle; rank r of world_size
-    takes rows r, r + world_size, ... (the same number on every rank). state_dict() is the position.
-    Use it in the training process itself (DataLoader num_workers=0): rows are cheap memmap slices,
-    and the position must be counted where the rows are consumed.
-    """
-
-    def __init__(self, path: str, max_seq_len: int, mode: str = "packing", shuffle: bool = True, seed: int = 1337,
-                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None, tokenizer_hash: str | None = None):
-        from data_process import check_token_file, load_token_file
-
-        if mode not in ("padding", "packing"):
-            raise ValueError(f"mode must be 'padding' or 'packing', got {mode!r}")
-        self.ids, meta = load_token_file(path)
-        if vocab_size is not None:
-            check_token_file(meta, vocab_size, tokenizer_hash, path=path)
-        if "mask" not in meta.get("arrays", {}):
-            raise SystemExit(f"{path}: no loss mask; SFT token files are written by dataset_sft.py prepare")
-        self.mask, _ = load_token_file(path, array="mask")
-        self.eos_id, self.pad_id = meta["eos_id"], meta.get("pad_id", meta["eos_id"])
-        self.max_seq_len, self.mode, self.shuffle, self.seed = max_seq_len, mode, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-
-        if len(self.ids) and self.ids[-1] != self.eos_id:
-            raise SystemExit(f"{path}: does not end with EOS (id {self.eos_id}); not an SFT token file of dataset_sft.py")
-        # samples end at EOS; each keeps n tokens before its EOS, so it takes n + 1 places in a row
-        ends = np.flatnonzero(self.ids == self.eos_id)
-        self.starts = np.concatenate([[0], ends + 1])[:-1].astype(np.int64)
-        self.lens = ends - self.starts
-        overlong = np.flatnonzero(self.lens + 1 > max_seq_len)
-        for i in overlong:
-            self.lens[i] = fit_turns(np.asarray(self.mask[self.starts[i]: ends[i]]), max_seq_len - 1)
-        self.kept = np.flatnonzero(self.lens > 0)
-        self.stats = {"samples": len(ends), "truncated": int((self.lens[overlong] > 0).sum()),
-                      "dropped": len(ends) - len(self.kept)}
-        self.epoch, self.rows_seen = 0, 0  # rows_seen: rows of this epoch taken by all ranks together
-        self._rows_cache = {}  # epoch -> rows, for the last two epochs (a batch may straddle an epoch boundary)
-
-    def epoch_rows(self, epoch: int) -> list[np.ndarray]:
-        """This rank's rows for `epoch`, each an array of sample indices."""
-        if epoch in self._rows_cache:
-            return self._rows_cache[epoch]
-        order = self.kept
-        if self.shuffle:
-            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
-        if self.mode == "padding":
-            rows = [order[k: k + 1] for k in range(len(order))]
-        else:  # greedy: fill a row with samples in order until the next one does not fit
-            rows, row, used = [], [], 0
-            for i in order:
-                if used + self.lens[i] + 1 > self.max_seq_len:
-                    rows.append(np.array(row))
-                    row, used = [], 0
-                row.append(i)
-                used += self.lens[i] + 1
-            if row:
-                rows.append(np.array(row))
-        # every rank gets the same number of rows, or the ranks' step counts (and all-reduces) diverge
-        n = len(rows) // self.world_size * self.world_size
-        self._rows_cache = {e: r for e, r in self._rows_cache.items() if e == epoch - 1}
-        self._rows_cache[epoch] = rows[self.rank: n: self.world_size]
-        return self._rows_cache[epoch]
-
-    def __len__(self):
-        """Rows this rank yields in the current epoch."""
-        return len(self.epoch_rows(self.epoch))
-
-    def make_row(self, samples) -> dict:
-        """Splice samples (indices) into one row of max_seq_len tokens with next-token targets."""
-        T = self.max_seq_len
-        input_ids = np.full(T, self.pad_id, dtype=np.int64)
-        targets = np.full(T, -100, dtype=np.int64)
-        doc_ids = np.zeros(T, dtype=np.int64)
-        position_ids = np.zeros(T, dtype=np.int64)
-        t = 0
-        for d, i in enumerate(samples):
-            s, n = self.starts[i], self.lens[i]
-            ids, mask = self.ids[s: s + n].astype(np.int64), self.mask[s: s + n]
-            input_ids[t: t + n], input_ids[t + n] = ids, self.eos_id
-            # targets[t] = ids[t+1] if mask[t+1]: the reply's first token is predicted from <|assistant|>,
-            # and nothing crosses into the next sample (this sample's last target predicts its EOS: -100)
-            targets[t: t + n - 1] = np.where(mask[1:] == 1, ids[1:], -100)
-            doc_ids[t: t + n + 1] = d
-            position_ids[t: t + n + 1] = np.arange(n + 1)
-            t += n + 1
-        # the pads form one more "document" of their own, as doc_ids_from_eos sees them
-        doc_ids[t:], position_ids[t:] = len(samples), np.arange(T - t)
-        row = {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets)}
-        if self.mode == "packing":
-            row.update(doc_ids=torch.from_numpy(doc_ids), position_ids=torch.from_numpy(position_ids))
-        return row
-
-    def __iter__(self):
-        if torch.utils.data.get_worker_info() is not None:
-            raise RuntimeError("SFTDataset counts its position where rows are consumed: use DataLoader(num_workers=0)")
-        rows = self.epoch_rows(self.epoch)
-        for k in range(self.rows_seen // self.world_size, len(rows)):
-            self.rows_seen = (k + 1) * self.world_size
-            yield self.make_row(rows[k])
-        self.epoch, self.rows_seen = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "rows_seen": self.rows_seen, "seed": self.seed, "mode": self.mode,
-                "max_seq_len": self.max_seq_len}
-
-    def load_state_dict(self, state: dict):
-        for key in ("seed", "mode", "max_seq_len"):
-            if state[key] != getattr(self, key):
-                raise SystemExit(f"cannot resume SFT data: checkpoint has {key}={state[key]!r}, this run {getattr(self, key)!r}")
-        # rows_seen counts rows of all ranks, so a resume with another world_size starts at the same place
-        self.epoch, self.rows_seen = state["epoch"], state["rows_seen"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,8 +222,6 @@ class SFTDataset(torch.utils.data.IterableDataset):
 def render_chunk(task):
     """Worker: (conversations, dtype) -> (flat ids, flat mask, tokens per sample); every sample is
     followed by EOS with mask 0, the document separator of all token files."""
-    from data_process import worker_tokenizer
-
     conversations, dtype = task
     tok = worker_tokenizer()
     ids, mask, per_sample = [], [], []
@@ -385,16 +233,41 @@ def render_chunk(task):
     return np.array(ids, dtype), np.array(mask, np.uint8), np.array(per_sample, np.int64)
 
 
+def chunks(items, n: int):
+    """Lists of n items (the last one shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_splits(writers: dict, rendered, val_ratio: float, counts, progress: bool) -> int:
+    """Append the rendered chunks to the train (and val) writers, choosing each sample's split with
+    is_val_doc; returns the number of samples."""
+    from tqdm import tqdm
+
+    n_samples = 0
+    with tqdm(unit="sample", desc="render", disable=not progress) as bar:
+        for ids, mask, per_sample in rendered:
+            is_val = np.array([is_val_doc(n_samples + i, val_ratio) for i in range(len(per_sample))], bool)
+            n_samples += len(per_sample)
+            token_is_val = np.repeat(is_val, per_sample)  # spread the per-sample choice over its tokens
+            for split, sel in (("train", ~token_is_val), ("val", token_is_val)):
+                if split in writers:
+                    writers[split].write(ids[sel], n_docs=int(np.count_nonzero(is_val == (split == "val"))),
+                                         mask=mask[sel])
+                    counts[f"{split}_trained_tokens"] += int(mask[sel].sum())
+            bar.update(len(per_sample))
+    return n_samples
+
+
 def prepare(files, tokenizer_path, out, val_ratio=0.0, workers=1, skip_bad_samples=False, chunk_samples=1024,
             progress=True) -> dict:
     """Normalise, check and render every sample; write OUT_train (+ OUT_val) token, mask and meta files."""
-    import collections
-
-    from tqdm import tqdm
-
-    from data_process import TokenFileWriter, imap_ordered, init_worker, is_val_doc, token_dtype
-    from tokenizer import Tokenizer
-
     if not 0 <= val_ratio < 1:
         raise SystemExit(f"--val_ratio {val_ratio}: must be in [0, 1)")
     tok = Tokenizer(tokenizer_path)
@@ -403,54 +276,17 @@ def prepare(files, tokenizer_path, out, val_ratio=0.0, workers=1, skip_bad_sampl
     meta = dict(vocab_size=tok.vocab_size, tokenizer=os.path.abspath(tok.path), tokenizer_hash=tok.file_hash,
                 eos_id=tok.eos_id, bos_id=tok.bos_id, pad_id=tok.pad_id, sources=[os.path.abspath(p) for p in files],
                 # which pieces the template found in this tokenizer (None: spelled as text)
-                chat_tokens={p: tok.token_id(p) for p in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")})
-
-    def conversations():
-        for path in files:
-            for where, sample in read_samples(path):
-                counts["samples_read"] += 1
-                try:
-                    yield to_messages(sample)
-                except BadSample as e:
-                    if not skip_bad_samples:
-                        raise SystemExit(f"{where}: {e} (or pass --skip_bad_samples)")
-                    counts["bad_samples"] += 1
-
-    def tasks():
-        chunk = []
-        for messages in conversations():
-            chunk.append(messages)
-            if len(chunk) == chunk_samples:
-                yield chunk, dt
-                chunk = []
-        if chunk:
-            yield chunk, dt
-
+                chat_tokens={p: tok.token_id(p) for p in CHAT_TOKENS})
+    tasks = ((chunk, dt) for chunk in chunks(conversations(files, skip_bad_samples, counts), chunk_samples))
     splits = ["train"] + (["val"] if val_ratio > 0 else [])
-    writers = {s: TokenFileWriter(f"{out}_{s}", dt, {**meta, "split": s}, extra={"mask": np.uint8}) for s in splits}
-    n_samples = 0
-    try:
-        with tqdm(unit="sample", desc="render", disable=not progress) as bar:
-            for ids, mask, per_sample in imap_ordered(render_chunk, tasks(), workers, init_worker, (tok.path,)):
-                is_val = np.array([is_val_doc(n_samples + i, val_ratio) for i in range(len(per_sample))], bool)
-                n_samples += len(per_sample)
-                token_is_val = np.repeat(is_val, per_sample)  # spread the per-sample choice over its tokens
-                for split, sel in (("train", ~token_is_val), ("val", token_is_val)):
-                    if split in writers:
-                        writers[split].write(ids[sel], n_docs=int(np.count_nonzero(is_val == (split == "val"))),
-                                             mask=mask[sel])
-                        counts[f"{split}_trained_tokens"] += int(mask[sel].sum())
-                bar.update(len(per_sample))
-        if n_samples == 0:
+    with contextlib.ExitStack() as stack:  # a writer commits when the block ends, or removes its files on an error
+        writers = {s: stack.enter_context(TokenFileWriter(f"{out}_{s}", dt, {**meta, "split": s}, extra={"mask": np.uint8}))
+                   for s in splits}
+        rendered = imap_ordered(render_chunk, tasks, workers, init_worker, (tok.path,))
+        if write_splits(writers, rendered, val_ratio, counts, progress) == 0:
             raise SystemExit(f"{', '.join(files)}: no usable samples (counts: {dict(counts)})")
         for w in writers.values():
             w.meta["counts"] = dict(counts)
-            w.commit()
-    except BaseException:
-        for w in writers.values():
-            if not w.done:
-                w.abort()
-        raise
     return {"samples_read": counts["samples_read"], "bad_samples": counts["bad_samples"],
             **{f"{s}_samples": w.n_docs for s, w in writers.items()},
             **{f"{s}_tokens": w.n_tokens for s, w in writers.items()},
@@ -459,16 +295,16 @@ def prepare(files, tokenizer_path, out, val_ratio=0.0, workers=1, skip_bad_sampl
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chatterbot", help="convert the chatterbot-corpus dialogues (the default SFT data) to sharegpt jsonl",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=cli.HelpFormatter)
     c.add_argument("--out", required=True, help="output .jsonl file (sharegpt: {\"conversations\": [{from, value}]})")
     c.add_argument("--languages", nargs="+", default=["chinese", "english"],
                    help="chatterbot_corpus/data/<language> folders to convert")
     c.add_argument("--corpus_dir", default=None, help="the corpus data folder (default: the installed chatterbot_corpus/data)")
     r = sub.add_parser("prepare", help="render SFT json/jsonl/parquet to OUT_{train,val}.bin + _mask.bin + .json",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=cli.HelpFormatter)
     r.add_argument("--data", nargs="+", required=True,
                    help="SFT files: alpaca (instruction/input/output[/system/history]), sharegpt (conversations) "
                         "or OpenAI (messages); .json list, .jsonl or .parquet, optionally .gz/.zst")
@@ -476,9 +312,8 @@ def main():
     r.add_argument("--out", required=True, help="output prefix: writes OUT_train.bin, OUT_train_mask.bin, OUT_train.json (+ OUT_val.*)")
     r.add_argument("--val_ratio", type=float, default=0.0, help="fraction of samples for OUT_val, evenly spread (0: no val files)")
     r.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer worker processes")
-    r.add_argument("--skip_bad_samples", action="store_true",
-                   help="skip samples with a missing field, unknown role, turns out of order or an empty reply, "
-                        "and report their count, instead of stopping at the first")
+    cli.add_flag(r, "--skip_bad_samples", False, "skip samples with a missing field, unknown role, turns out of order "
+                 "or an empty reply, and report their count, instead of stopping at the first")
     r.add_argument("--chunk_samples", type=int, default=1024, help="samples per worker task")
     r.add_argument("--max_seq_len", type=int, default=None,
                    help="also report how many samples a training row of this length would truncate or drop")

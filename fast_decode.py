@@ -1,8 +1,8 @@
-"""The one-token decode step of a Llama as five Triton kernels per layer (CUDA only; eval.Decoder uses it).
+"""The one-token decode step of a Llama as five Triton kernels per layer (CUDA only; engine.Decoder uses it).
 
 At batch 1 a decode step reads every weight once for a single token: memory- and launch-bound. torch.compile
-makes ~11 kernels of 2-8 us each out of a layer (README, decoding), so launches, not bytes, set the
-pace. Here a layer is five kernels, each one pass over its weights with the small work fused in:
+makes about a dozen short kernels out of a layer, so launches, not bytes, set the pace. Here a layer is
+five kernels, each one pass over its weights with the small work fused in:
 
   1. RMSNorm + q/k/v projections           x = norm(h); qkv = [Wq; Wk; Wv] x
   2. RoPE + cache write + attention         one program per (row, head), online softmax over the cache
@@ -14,8 +14,8 @@ plus one kernel before the layers (embedding, new cache slot, RoPE angles: prolo
 (final RMSNorm + lm_head). Values are rounded where model.py rounds them (to the weights' dtype after each
 projection, norm, RoPE and activation; fp32 inside), so logits match the PyTorch step to bf16 precision
 (tests/test_fast_decode.py: fp32 in Triton's interpreter on the CPU, bf16 on a GPU).
-decode_step() has the contract of `model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]`; eval.Decoder
-records it as a CUDA graph. On Hopper each kernel starts before the previous one ends (see pdl()).
+decode_step() has the contract of `model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]`; engine.Decoder
+records it as a CUDA graph. On Hopper each kernel starts before the previous one ends (pdl=True, see has_pdl()).
 """
 import torch
 import torch.nn as nn
@@ -27,9 +27,8 @@ except ImportError:
     triton = None
 
 
-# Up to this batch size eval.Decoder uses these kernels (bench.py decode, 350m preset, H100: batch 1 1,923
-# tok/s vs 988 for inductor's step). Each program multiplies a block of weights with every row in fp32,
-# without tensor cores: at batch 8 inductor's step was faster (5,038 vs 4,692, both recorded by torch.compile).
+# Up to this batch size engine.Decoder uses these kernels. Each program multiplies a block of weights with
+# every row in fp32, without tensor cores, so at batch 8 inductor's step is faster (docs/2026-12-06-log.md).
 MAX_BATCH = 4
 
 
@@ -71,7 +70,7 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_B)[:, None]
         cols = n0 + tl.arange(0, BLOCK_N)[None, :]
         # What does not depend on the kernel just before this one is loaded while that kernel may still be
-        # running (PDL, see pdl() below): the first block of weights and of the norm's weight, and the
+        # running (PDL, see has_pdl() below): the first block of weights and of the norm's weight, and the
         # residual (made two or more kernels back). Then this program waits for that kernel's outputs.
         w_mask = (n0 + n < N) & (k < K)
         w = tl.load(w1 + n * K + k, mask=w_mask, other=0.0)
@@ -231,13 +230,11 @@ if triton is not None:
                 tl.store(ARRIVED, 0)
 
 
-USE_PDL = True  # bench.py decode's ours_no_pdl entry turns it off while it records its graph
-
-
-def pdl(x) -> bool:
-    """Programmatic dependent launch (Hopper and later): a kernel may start while the one before it is still
-    running, load what does not depend on it, and wait (gdc_wait) only for that kernel's outputs. In a chain
-    of ~120 short kernels this hides most of each launch's gap (bench.py decode: ours vs ours_no_pdl).
+def has_pdl(x) -> bool:
+    """Whether x's GPU has programmatic dependent launch (Hopper and later): a kernel may start while the one
+    before it is still running, load what does not depend on it, and wait (gdc_wait) only for that kernel's
+    outputs. In a chain of a hundred short kernels this hides most of each launch's gap (bench.py decode:
+    ours vs ours_no_pdl). Every launcher below takes pdl=True (use it where the GPU has it) or False.
     The rules that keep it exact:
       - every program calls gdc_launch_dependents right after its wait, so a kernel starts only once all
         programs of the one before have passed their wait, i.e. once the kernel two back has finished:
@@ -245,11 +242,11 @@ def pdl(x) -> bool:
         back) is final;
       - everything a kernel writes comes after its wait, so the kernel before it never sees its inputs
         change under it."""
-    return USE_PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def launch(x) -> dict:
-    return {"launch_pdl": True} if pdl(x) else {}
+def launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def matvec_config(B, N, K, swiglu):
@@ -261,10 +258,11 @@ def matvec_config(B, N, K, swiglu):
     return max(1, 4096 // (block_k * (2 if swiglu else 1))), block_k, 4
 
 
-def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
+def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None, pdl=True):
     """x (B, K) times the rows of `weights` stacked: (B, sum of their rows), or with swiglu the two
     matrices (gate, up) give silu(gate x) * (up x). norm: an RMSNorm applied to x first; residual: added."""
     B, K = x.shape
+    pdl = pdl and has_pdl(x)
     N = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
     w1, w2, w3 = (list(weights) + [weights[0]] * 2)[:3]
     out = torch.empty(B, N, dtype=out_dtype or x.dtype, device=x.device)
@@ -274,8 +272,8 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
     _matvec_kernel[(triton.cdiv(N, block_n),)](
         x, w1, w2, w3, norm.weight if norm is not None else x, residual if residual is not None else x, out,
         B, K, N, w1.shape[0], w2.shape[0], norm.eps if norm is not None else 0.0,
-        norm is not None, swiglu, residual is not None, triton.next_power_of_2(B), block_n, block_k, pdl(x),
-        num_warps=warps, **launch(x))
+        norm is not None, swiglu, residual is not None, triton.next_power_of_2(B), block_n, block_k, pdl,
+        num_warps=warps, **launch(pdl))
     return out
 
 
@@ -284,57 +282,61 @@ def matvec(x, weights, norm=None, residual=None, swiglu=False, out_dtype=None):
 ATTENTION_SLOTS, ATTENTION_WARPS = 256, 8
 
 
-def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_heads):
+def attention(qkv, cos, sin, k_cache, v_cache, valid, cache_pos, n_heads, n_kv_heads, pdl=True):
     """qkv (B, (H + 2 KV) D) -> (B, H D): RoPE on q and k, k and v written to cache slot cache_pos, then
     attention over the cache slots up to cache_pos that `valid` marks as real tokens."""
     B, _, L, D = k_cache.shape
+    pdl = pdl and has_pdl(qkv)
     out = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
     _attention_kernel[(B, n_heads)](qkv, cos, sin, k_cache, v_cache, valid, cache_pos, out, L,
-                                    n_heads, n_kv_heads, D, D ** -0.5, ATTENTION_SLOTS, pdl(qkv),
-                                    num_warps=ATTENTION_WARPS, **launch(qkv))
+                                    n_heads, n_kv_heads, D, D ** -0.5, ATTENTION_SLOTS, pdl,
+                                    num_warps=ATTENTION_WARPS, **launch(pdl))
     return out
 
 
-def prologue(model, tokens, cache, cache_pos):
+def prologue(model, tokens, cache, cache_pos, pdl=True):
     """What a step needs before the first layer, in one kernel (as model.forward's cache bookkeeping,
     model.rotary and model.embed): the slot cache_pos marked valid; the embeddings h (B, dim) of tokens
     (B, 1); cos, sin (B, head_dim) fp32."""
     B, dim, D = tokens.shape[0], model.args.dim, model.args.head_dim
     h = torch.empty(B, dim, dtype=model.embed.weight.dtype, device=tokens.device)
+    pdl = pdl and has_pdl(h)
     cos, sin = (torch.empty(B, D, dtype=torch.float32, device=tokens.device) for _ in range(2))
     _prologue_kernel[(B,)](tokens, tokens.stride(0), model.embed.weight, h, cache.valid, cache_pos,
                            model.rotary.inv_freq, cos, sin, cache.max_len, dim, model.rotary.attn_factor, D, 1024,
-                           1024, pdl(h), num_warps=4, **launch(h))
+                           1024, pdl, num_warps=4, **launch(pdl))
     return h, cos, sin
 
 
-def decode_step(model, tokens, cache, cache_pos):
-    """Logits (B, vocab) fp32 of one new token per row (tokens (B, 1)), written to cache slot cache_pos."""
+def decode_step(model, tokens, cache, cache_pos, pdl=True):
+    """Logits (B, vocab) fp32 of one new token per row (tokens (B, 1)), written to cache slot cache_pos:
+    `model(tokens, cache=cache, cache_pos=cache_pos)[:, -1]` in Triton kernels."""
     args = model.args
-    h, cos, sin = prologue(model, tokens, cache, cache_pos)
+    h, cos, sin = prologue(model, tokens, cache, cache_pos, pdl)
     for i, block in enumerate(model.layers):
         attn, mlp = block.self_attn, block.mlp
-        qkv = matvec(h, (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), norm=block.input_layernorm)
-        a = attention(qkv, cos, sin, cache.k[i], cache.v[i], cache.valid, cache_pos, args.n_heads, args.n_kv_heads)
-        h = matvec(a, (attn.o_proj.weight,), residual=h)
-        m = matvec(h, (mlp.gate_proj.weight, mlp.up_proj.weight), norm=block.post_attention_layernorm, swiglu=True)
-        h = matvec(m, (mlp.down_proj.weight,), residual=h)
-    return matvec(h, (model.output.weight,), norm=model.final_norm, out_dtype=torch.float32)
+        qkv = matvec(h, (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), norm=block.input_layernorm,
+                     pdl=pdl)
+        a = attention(qkv, cos, sin, cache.k[i], cache.v[i], cache.valid, cache_pos, args.n_heads, args.n_kv_heads,
+                      pdl)
+        h = matvec(a, (attn.o_proj.weight,), residual=h, pdl=pdl)
+        m = matvec(h, (mlp.gate_proj.weight, mlp.up_proj.weight), norm=block.post_attention_layernorm, swiglu=True,
+                   pdl=pdl)
+        h = matvec(m, (mlp.down_proj.weight,), residual=h, pdl=pdl)
+    return matvec(h, (model.output.weight,), norm=model.final_norm, out_dtype=torch.float32, pdl=pdl)
 
 
-def argmax(logits, out=None, record=None):
-    """logits (B, V) -> (B,) int64, as logits.argmax(-1): greedy decoding's pick. torch reduces each row in
-    one thread block, 11.5 us for a 32k vocabulary on an H100 (2% of a 350m step); one Triton program per
-    row with 16 warps reads it in 16k blocks. Worth 3-12 us per token in a probe; within the noise of one
-    bench.py decode run (ours vs ours_torch_argmax: 1,956 vs 1,939 tok/s).
-    eval.Decoder's recorded greedy step passes `out`, the next step's token buffer, and record = (picks
-    (slots, B), slot (1,), arrived (1,) int32 zero): the kernel also writes picks[slot] and adds one to
-    slot, where three more kernels did that before."""
+def argmax(logits, out=None, record=None, pdl=True):
+    """logits (B, V) -> (B,) int64, as logits.argmax(-1): greedy decoding's pick, one Triton program per row
+    with 16 warps reading it in 16k blocks. engine.Decoder's recorded greedy step passes `out`, the next
+    step's token buffer, and record = (picks (slots, B), slot (1,), arrived (1,) int32 zero): the kernel also
+    writes picks[slot] and adds one to slot, so the next replay can follow with nothing in between."""
     B, V = logits.shape
+    pdl = pdl and has_pdl(logits)
     assert logits.stride(1) == 1, "argmax: rows must be contiguous"
     out = torch.empty(B, dtype=torch.long, device=logits.device) if out is None else out
     picks, slot, arrived = record or (out, out, out)  # unused without record
     _argmax_kernel[(B,)](logits, out, picks, slot, arrived, B, V, logits.stride(0),
-                         min(16384, triton.next_power_of_2(V)), RECORD=record is not None, PDL=pdl(logits),
-                         num_warps=16, **launch(logits))
+                         min(16384, triton.next_power_of_2(V)), RECORD=record is not None, PDL=pdl,
+                         num_warps=16, **launch(pdl))
     return out

@@ -5,39 +5,24 @@ written by `save_pretrained` loads in `AutoModelForCausalLM.from_pretrained` wit
 (tests/test_model.py proves it against transformers). Read top to bottom:
 
   ModelArgs      the hyperparameters (+ named presets)
-  RoPE           rotary position embedding and its scalings (linear, ntk, dynamic, yarn, llama3)
-  attention      one function, five backends (eager, sdpa, flex, flash_attn, fa4) + the masks they need
+  RoPE           rotary position embedding (its scalings: rope.py)
   KVCache        static preallocated cache for incremental decoding (gpt-fast style)
-  blocks         Llama (RMSNorm, SwiGLU) and NeoX (LayerNorm, GELU, parallel residual) layers
-  Transformer    forward (logits or chunked loss), generate, save/load in the HF folder format
+  blocks         Llama (RMSNorm, SwiGLU) and NeoX (LayerNorm, GELU, parallel residual) layers; attention is
+                 one call into attention.py, which holds the backends (eager, sdpa, flex, flash_attn, fa4)
+  Transformer    forward (logits, or the chunked loss of loss.py), generate, save/load (checkpoint.py)
 """
-import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlexAttention: block-sparse masks compiled into one kernel (torch >= 2.5)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:
-    flex_attention = None
-
-try:  # the flash-attn package (FlashAttention-2), used only when it imports
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-except ImportError:
-    flash_attn_func = None
-
-try:  # flash-attn-4 (CuTe DSL kernels for Hopper and Blackwell GPUs), used only when it imports
-    from flash_attn.cute.interface import _flash_attn_bwd as fa4_backward_kernel, _flash_attn_fwd as fa4_forward_kernel
-except (ImportError, OSError):
-    fa4_forward_kernel = None
-
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
-ATTN_IMPLS = ("auto", "eager", "sdpa", "flex", "flash_attn", "fa4")
+from attention import ATTN_IMPLS, attention, build_attn_mask, resolve_attn_impl
+from checkpoint import args_from_config, head_name, hf_config, load_state_dict, load_weights, read_config, save_folder
+from loss import chunked_cross_entropy
+from rope import normalize_rope_scaling, rope_inv_freq
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -107,103 +92,14 @@ PRESETS = {
 }
 
 
-def normalize_rope_scaling(rs: dict, max_seq_len: int) -> dict:
-    """Validate an HF-style rope scaling dict (legacy key "type" accepted) and fill defaults."""
-    rs = dict(rs)
-    rope_type = rs.pop("type", None) or rs.get("rope_type", "default")
-    rs["rope_type"] = rope_type
-    rs.pop("rope_theta", None)  # lives in ModelArgs.rope_theta
-    rs.pop("partial_rotary_factor", None)  # lives in ModelArgs.rotary_pct
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling.rope_type: unsupported {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    if rope_type == "default":
-        return None
-    need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-    for key in need.get(rope_type, ("factor",)):
-        if rs.get(key) is None:
-            raise ValueError(f"rope_scaling.{key}: required for rope_type {rope_type!r}")
-    if rope_type == "yarn":  # as transformers: the pre-extension length defaults to max_position_embeddings
-        rs.setdefault("original_max_position_embeddings", max_seq_len)
-    return rs
-
-
 # ----------------------------------------------------------------------------- RoPE
-
-def rope_inv_freq(args: ModelArgs, seq_len=None):
-    """Inverse frequencies theta_i = base^(-2i/d), i < d/2, after rope scaling, and the attention factor
-    that multiplies cos/sin (YaRN's temperature; 1 otherwise). Always fp32. d = rotated dims per head.
-    seq_len (a tensor) is only used by dynamic NTK."""
-    d = int(args.head_dim * args.rotary_pct)
-    base = args.rope_theta
-    rs = args.rope_scaling or {"rope_type": "default"}
-    kind = rs["rope_type"]
-    exponent = torch.arange(0, d, 2, dtype=torch.int64).float() / d
-
-    if kind == "ntk":
-        # NTK-aware (fixed alpha): stretch the base so the lowest frequency is interpolated by alpha
-        # while the highest is untouched: base' = base * alpha^(d/(d-2))
-        base = base * rs["factor"] ** (d / (d - 2))
-    if kind == "dynamic":
-        # dynamic NTK: the NTK base grows with the current length L once L exceeds the trained length L0:
-        # base' = base * (factor*L/L0 - (factor-1))^(d/(d-2)), L = max(L, L0)   (recomputed every call)
-        L0 = args.max_seq_len
-        L = torch.clamp(seq_len.float(), min=L0) if seq_len is not None else torch.tensor(float(L0))
-        base = base * (rs["factor"] * L / L0 - (rs["factor"] - 1)) ** (d / (d - 2))
-        return 1.0 / (base ** exponent.to(L.device)), 1.0
-    inv_freq = 1.0 / (base ** exponent)
-
-    if kind == "linear":
-        # position interpolation: position m becomes m/factor, i.e. theta_i / factor
-        inv_freq = inv_freq / rs["factor"]
-    elif kind == "yarn":
-        # YaRN = NTK-by-parts + temperature. A dim with wavelength 2*pi/theta_i that completes more than
-        # beta_fast rotations within L0 is kept (extrapolated), fewer than beta_slow is interpolated
-        # (theta_i/factor), a linear ramp in between. Attention logits are scaled by mscale^2 through
-        # cos/sin, mscale = 0.1*ln(factor) + 1 (or the ratio with mscale/mscale_all_dim, DeepSeek style).
-        factor, L0 = rs["factor"], rs["original_max_position_embeddings"]
-        beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
-
-        def dim_of(rotations):  # the dim index whose wavelength fits `rotations` times into L0
-            return d * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = dim_of(beta_fast), dim_of(beta_slow)
-        if rs.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, d - 1)
-        if low == high:
-            high += 0.001  # avoid dividing by zero
-        ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-
-        def mscale_of(scale, m=1.0):
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-        attn_factor = rs.get("attention_factor")
-        if attn_factor is None:
-            if rs.get("mscale") and rs.get("mscale_all_dim"):
-                attn_factor = mscale_of(factor, rs["mscale"]) / mscale_of(factor, rs["mscale_all_dim"])
-            else:
-                attn_factor = mscale_of(factor)
-        return inv_freq, float(attn_factor)
-    elif kind == "llama3":
-        # Llama 3.1: wavelengths longer than L0/low_freq_factor are interpolated (theta/factor), shorter than
-        # L0/high_freq_factor kept, in between a smooth mix s*theta + (1-s)*theta/factor, s = (L0/wavelen - lo)/(hi - lo)
-        factor, lo, hi, L0 = (rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"],
-                              rs["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (L0 / wavelen - lo) / (hi - lo)
-        mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > L0 / lo, inv_freq / factor, torch.where(wavelen < L0 / hi, inv_freq, mixed))
-    return inv_freq, 1.0
-
 
 class RotaryEmbedding(nn.Module):
     """cos/sin of the angles m * theta_i in the HF "rotate-half" layout: dims (i, i + d/2) form a pair.
 
     Positions below max_seq_len read fp32 tables made once. Computed inside a compiled model instead, cos and
-    sin are fused into every layer's RoPE kernel, forward and backward, and evaluated again for each element
-    of every head: those kernels took 7.2 ms of a 222 ms training micro-step at 1.1B. Dynamic NTK rescales
-    with the length, so it always computes."""
+    sin would be fused into every layer's RoPE kernel, forward and backward, and evaluated again for each
+    element of every head. Dynamic NTK rescales with the length, so it always computes."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -254,198 +150,6 @@ def apply_rope(x, cos, sin):
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
-# ----------------------------------------------------------------------------- attention
-
-def resolve_attn_impl(impl: str, device: torch.device, packed=False) -> str:
-    """auto on a GPU: flash-attn-4 for plain causal rows on Hopper or newer when installed (faster than cuDNN on
-    an H100: README, training); else flash_attn if installed; else FlexAttention for packed documents (it skips
-    the masked-out blocks) and sdpa (its cuDNN / flash kernels) for plain rows. sdpa on CPU."""
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    packages = {"flash_attn": (flash_attn_func, "flash-attn"), "fa4": (fa4_forward_kernel, "flash-attn-4")}
-    if impl in packages:
-        kernel, package = packages[impl]
-        if kernel is None:
-            raise ValueError(f"attn_impl={impl}: {package} is not installed (pip install {package})")
-        if device.type != "cuda" or (impl == "fa4" and not hopper):
-            raise ValueError(f"attn_impl={impl}: {package} needs an NVIDIA GPU"
-                             + (" of compute capability 9.0 or newer (H100, B200)" if impl == "fa4" else ""))
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
-        if not packed and fa4_forward_kernel is not None and hopper:
-            return "fa4"
-        if flash_attn_func is not None:
-            return "flash_attn"
-        if packed and flex_attention is not None:
-            return "flex"
-    return "sdpa"
-
-
-_compiled_flex = None
-
-
-def _flex(q, k, v, block_mask):
-    """FlexAttention must be compiled to be fast (and memory-light) on a GPU; eager is the CPU reference."""
-    global _compiled_flex
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
-
-
-# flash-attn-4's kernels are CuTe DSL programs that torch.compile cannot trace. Registered as custom ops, with a
-# shape-only ("fake") version for tracing and the backward kernel as their gradient, a compiled model keeps one
-# graph around them. Layout (B, T, H, D), the projections' own: no transposes in or out, forward or backward.
-if fa4_forward_kernel is not None:
-    @torch.library.custom_op("llm::fa4_causal", mutates_args=(), device_types="cuda")
-    def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal attention; returns the output and the row log-sum-exp the backward needs."""
-        out, lse = fa4_forward_kernel(q, k, v, causal=True, return_lse=True)[:2]
-        return out, lse
-
-    @fa4_causal.register_fake
-    def _(q, k, v):
-        B, T, H, _ = q.shape
-        return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
-
-    @torch.library.custom_op("llm::fa4_causal_backward", mutates_args=(), device_types="cuda")
-    def fa4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = fa4_backward_kernel(q, k, v, out, dout, lse, causal=True)
-        return dq, dk, dv
-
-    @fa4_causal_backward.register_fake
-    def _(dout, q, k, v, out, lse):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def _fa4_save(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, *output)
-
-    def _fa4_grad(ctx, dout, dlse):  # dlse: nothing downstream uses the log-sum-exp
-        return fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
-
-    fa4_causal.register_autograd(_fa4_grad, setup_context=_fa4_save)
-
-
-def repeat_kv(x, n_rep):
-    """(B, Hkv, S, D) -> (B, Hkv*n_rep, S, D): each kv head serves n_rep query heads (GQA)."""
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
-def attention(q, k, v, impl, mask, dropout_p=0.0):
-    """softmax(q k^T / sqrt(D) + mask) v.  q: (B, H, T, D); k, v: (B, Hkv, S, D) -> (B, H, T, D).
-    `mask` is what `build_attn_mask` made for this backend: None (plain causal), a bool tensor
-    (B, 1, T, S) with True = may attend, a flex BlockMask, or flash_attn's (cu_seqlens, max_len)."""
-    n_rep = q.shape[1] // k.shape[1]
-    if impl == "fa4" and (dropout_p > 0 or q.dtype not in (torch.bfloat16, torch.float16)):
-        impl = "sdpa"  # flash-attn-4 has no dropout and no fp32 kernels
-    if impl == "eager":  # the readable reference
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        if mask is None:
-            T, S = q.shape[2], k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), dropout_p)
-        return probs @ v
-    if impl == "sdpa":
-        if mask is None:  # flash / cuDNN kernels take GQA directly
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
-                                                  enable_gqa=n_rep > 1)
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    if impl == "flex":
-        return _flex(q, k, v, mask)
-    if impl == "flash_attn":  # works in (B, T, H, D)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if mask is None:
-            y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
-        else:  # packed documents: every document is its own causal sequence in the flattened batch
-            cu_seqlens, max_len = mask
-            B, T, H, D = q.shape
-            y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                                       cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout_p, causal=True)
-            y = y.view(B, T, H, D)
-        return y.transpose(1, 2)
-    if impl == "fa4":  # GQA as is: kv heads are shared by their query heads inside the kernel
-        # back to (B, T, H, D): for Llama views of contiguous projections, so contiguous() copies nothing
-        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        return fa4_causal(q, k, v)[0].transpose(1, 2)
-    raise ValueError(f"attn_impl: unknown backend {impl!r}")
-
-
-def build_attn_mask(impl, T, device, doc_ids=None, attention_mask=None, cache=None, cache_pos=None):
-    """Make the mask once per forward; every layer uses it. Returns (impl, mask): a backend that cannot
-    express the mask (flex/flash_attn with padding or a KV cache, fa4 with anything but plain causal rows)
-    falls back to sdpa with an explicit mask."""
-    explicit = "eager" if impl == "eager" else "sdpa"  # the backends that take any bool mask
-    if cache is not None:
-        # query at cache slot p sees slots <= p that hold real tokens (left padding is not real), and
-        # always itself so that a padding query has a finite softmax. Static shape (B, 1, T, max_len).
-        slots = torch.arange(cache.max_len, device=device)
-        seen = slots[None, :] <= cache_pos[:, None]  # (T, max_len)
-        own = slots[None, :] == cache_pos[:, None]
-        mask = seen[None] & (cache.valid[:, None, :] | own[None])
-        return explicit, mask[:, None]
-    if attention_mask is not None:  # padding in a plain forward
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(T, dtype=torch.bool, device=device)
-        mask = causal[None] & (attention_mask.bool()[:, None, :] | eye[None])
-        if doc_ids is not None:
-            mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-        return explicit, mask[:, None]
-    if doc_ids is None:
-        if impl == "flex":
-            return impl, _causal_block_mask(T, str(device))
-        return impl, None
-    # packed documents (reset_mask): causal within a document, nothing across documents
-    if impl == "flex":
-        def document_causal(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-        # _compile: on a GPU the compiled builder takes well under a millisecond instead of several
-        return impl, create_block_mask(document_causal, doc_ids.shape[0], None, T, T, device=device,
-                                       _compile=doc_ids.is_cuda)
-    if impl == "flash_attn":
-        # a sequence starts at every row start and wherever doc_ids changes; offsets into the flattened batch
-        flat = doc_ids.reshape(-1)
-        starts = torch.ones_like(flat, dtype=torch.bool)
-        starts[1:] = flat[1:] != flat[:-1]
-        starts[::T] = True
-        start_idx = starts.nonzero().flatten()
-        cu_seqlens = torch.cat([start_idx, start_idx.new_tensor([flat.numel()])]).to(torch.int32)
-        return impl, (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    return explicit, mask[:, None]
-
-
-_causal_block_masks = {}
-
-
-def _causal_block_mask(T, device):
-    if (T, device) not in _causal_block_masks:
-        _causal_block_masks[(T, device)] = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T,
-                                                             device=device)
-    return _causal_block_masks[(T, device)]
-
-
-def doc_ids_from_eos(input_ids, eos_id):
-    """Document index of every token in a packed row; the EOS that ends a document still belongs to it."""
-    is_eos = (input_ids == eos_id).long()
-    return torch.cumsum(is_eos, dim=-1) - is_eos
-
-
-def position_ids_from_doc_ids(doc_ids):
-    """Positions restart at 0 at the first token of every document (reset_position_ids)."""
-    T = doc_ids.shape[-1]
-    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
-    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-    new_doc[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
-    doc_start = torch.cummax(torch.where(new_doc, idx, torch.zeros_like(idx)), dim=-1).values
-    return idx - doc_start
-
-
 # ----------------------------------------------------------------------------- KV cache
 
 class KVCache:
@@ -487,7 +191,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Shared by both archs: project to q, k, v -> RoPE -> KV cache -> attention -> output projection."""
 
-    # While training, a replacement for `attention` with the same signature; fine_tuning.py sets it for
+    # While training, a replacement for `attention` with the same signature; lora.py sets it for
     # LongLoRA's shifted sparse attention (S2-Attn). Inference always uses full attention.
     train_attn_fn = None
 
@@ -499,9 +203,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)  # each (B, T, heads, head_dim)
         # RoPE before the transpose, in the projections' own memory order: its compiled kernels then read and
-        # write contiguously at full bandwidth (applied to the (B, H, T, D) view, forward and backward kernels
-        # also did the transpose, at a fraction of it). The transpose after is a view: sdpa / cuDNN / flash
-        # take (B, H, T, D) with this stride layout as is.
+        # write contiguously (on the (B, H, T, D) view, forward and backward would also do the transpose).
+        # The transpose after is a view: sdpa / cuDNN / flash take (B, H, T, D) with this stride layout as is.
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
@@ -610,78 +313,8 @@ class NeoXBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of the logits h @ weight.T over targets != -100, with its gradients computed in
-    forward, chunk by chunk (the fused linear cross-entropy of Liger-Kernel, in plain torch):
-
-        logits = hc @ W^T          (compute dtype: bf16 under autocast)   lse = log sum_j exp(logits_j), fp32
-        loss  += sum(lse - logits[target])                                 over the chunk's kept rows
-        dlogits = softmax(logits) - onehot(target), zero on ignored rows   (d loss / d logits)
-        dh_chunk = dlogits @ W     dW += dlogits^T @ hc  (summed over the chunks in fp32)
-
-    Only one chunk's fp32 logits exist at a time, and the head costs its three GEMMs: plain autograd would keep
-    every chunk's logits for backward (GBs), and recomputing them there instead (checkpoint) adds a fourth.
-    The output is a plain sum, so backward only scales the saved dh and dW by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_tokens, dtype):
-        # h (N, dim), weight (V, dim), targets (N,); dtype: of the GEMMs (fp32 master weights are cast once)
-        need_dh, need_dw = ctx.needs_input_grad[:2]
-        w = weight.to(dtype)
-        total = h.new_zeros((), dtype=torch.float32)
-        dh = []
-        dw = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
-        for hc, tc in zip(h.split(chunk_tokens), targets.split(chunk_tokens)):
-            hc = hc.to(dtype)
-            logits = (hc @ w.T).float()
-            keep = tc != -100
-            tc = torch.where(keep, tc, 0)  # any valid index; those rows are zeroed below
-            lse = torch.logsumexp(logits, dim=-1)
-            total = total + ((lse - logits.gather(1, tc[:, None])[:, 0]) * keep).sum()
-            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            dlogits.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))  # - onehot(target)
-            dlogits = (dlogits * keep[:, None]).to(dtype)
-            if need_dh:
-                dh.append((dlogits @ w).to(h.dtype))
-            if need_dw:
-                dw += (dlogits.T @ hc).float()
-        ctx.save_for_backward(torch.cat(dh) if need_dh else None, dw.to(weight.dtype) if need_dw else None)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        dh, dw = ctx.saved_tensors
-        return (dh * grad_total if dh is not None else None, dw * grad_total if dw is not None else None,
-                None, None, None)
-
-
-def chunked_cross_entropy(h, weight, targets, reduction="mean", chunk_tokens=4096):
-    """Cross-entropy of the head `h @ weight.T` without holding fp32 logits for the whole batch: tokens go
-    through in chunks; under autograd LinearCrossEntropy also computes the gradients chunk by chunk, in
-    forward. targets == -100 are ignored. Under autocast the GEMMs run in the autocast dtype."""
-    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        total = LinearCrossEntropy.apply(h, weight, targets, chunk_tokens, dtype)
-    else:
-        w = weight.to(dtype)
-        total = sum((F.cross_entropy((hc.to(dtype) @ w.T).float(), tc, ignore_index=-100, reduction="sum")
-                     for hc, tc in zip(h.split(chunk_tokens), targets.split(chunk_tokens))),
-                    h.new_zeros((), dtype=torch.float32))
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / (targets != -100).sum().clamp(min=1)
-    raise ValueError(f"reduction: {reduction!r} is not 'mean' or 'sum'")
-
-
 class Transformer(nn.Module):
-    # Under bf16 autocast the fp32 master weights make the embedding output fp32, and every residual add
-    # would stay fp32. Casting it keeps the residual stream in bf16 (as Megatron does by default): half the
-    # memory traffic of the norms and adds, and smaller saved activations. fp16 keeps the fp32 stream: its
-    # range (max 65504) risks overflow in a residual sum. bench.py train --sides measures both.
-    bf16_residual = True
+    """Token ids -> embedding -> n_layers blocks -> final norm -> output head (logits, or the loss)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -730,7 +363,7 @@ class Transformer(nn.Module):
 
     @property
     def output(self):
-        return self.lm_head if self.args.arch == "llama" else self.embed_out
+        return getattr(self, head_name(self.args.arch))  # lm_head | embed_out
 
     def new_cache(self, batch_size, max_len, dtype=None, device=None) -> KVCache:
         p = self.embed.weight
@@ -765,16 +398,24 @@ class Transformer(nn.Module):
         impl, mask = build_attn_mask(impl, T, device, doc_ids, attention_mask, cache, cache_pos)
         cos, sin = self.rotary(position_ids, cache.max_len if cache is not None else T)
 
-        x = self.drop(self.embed(input_ids))
-        if self.bf16_residual and torch.is_autocast_enabled(device.type) and \
-                torch.get_autocast_dtype(device.type) == torch.bfloat16:
-            x = x.to(torch.bfloat16)
+        x = self.embed_input(input_ids)
         for block in self.layers:
             x = block(x, cos, sin, impl, mask, cache, cache_pos)
         x = self.final_norm(x)
         if targets is None:
             return self.output(x).float()
         return chunked_cross_entropy(x, self.output.weight, targets, reduction)
+
+    def embed_input(self, input_ids):
+        """The residual stream's start. Under bf16 autocast the fp32 master weights make the embedding output
+        fp32, and every residual add would stay fp32. Casting it keeps the residual stream in bf16 (as Megatron
+        does by default): half the memory traffic of the norms and adds, and smaller saved activations. fp16
+        keeps the fp32 stream: its range (max 65504) risks overflow in a residual sum."""
+        x = self.drop(self.embed(input_ids))
+        device = input_ids.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+            x = x.to(torch.bfloat16)
+        return x
 
     # ------------------------------------------------------------------------- generation
 
@@ -821,67 +462,37 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, folder, tokenizer_path=None):
         """config.json (HF keys + ours under "model_args"), model.safetensors, tokenizer copied in."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
         config = hf_config(self.args)
         config["torch_dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
         config["model_args"] = asdict(self.args)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.args.tie_word_embeddings:  # as HF: the tied head is not stored
-            state.pop("lm_head.weight" if self.args.arch == "llama" else "embed_out.weight")
-        _atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic(os.path.join(folder, "config.json"), lambda p: _write_json(config, p))
-        if tokenizer_path:
-            # a tokenizer file comes with its siblings: transformers needs tokenizer.json and its config
-            # to keep the chat-role tokens whole (rebuilt from tokenizer.model alone, it splits them)
-            src = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
-            files = {os.path.join(src, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(src, f))}
-            if not os.path.isdir(tokenizer_path):
-                files.add(tokenizer_path)
-            for f in files:
-                dst = os.path.join(folder, os.path.basename(f))
-                if os.path.abspath(f) != os.path.abspath(dst):
-                    _atomic(dst, lambda p, f=f: shutil.copyfile(f, p))
+            state.pop(head_name(self.args.arch) + ".weight")
+        save_folder(folder, state, config, tokenizer_path)
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, **overrides) -> "Transformer":
-        """Load our folder or a Hugging Face Llama / GPT-NeoX folder. overrides replace ModelArgs fields
-        (attn_impl, max_seq_len, rope_scaling, ...). dtype: of the parameters ("auto" keeps the stored one)."""
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.exists(config_path):
-            raise SystemExit(f"{config_path}: no config.json (not a checkpoint folder)")
-        with open(config_path) as f:
-            config = json.load(f)
+        """Load our folder, a Hugging Face Llama / GPT-NeoX folder or a GPTQ one (quantize.py). overrides
+        replace ModelArgs fields (attn_impl, max_seq_len, rope_scaling, ...): the one way to change the context
+        of a loaded model. A new YaRN rope_scaling keeps the trained length as its original length (YaRN's L0),
+        else it would measure from the new max_seq_len. dtype: of the parameters ("auto" keeps the stored one)."""
+        config = read_config(folder)
         try:
-            args = args_from_config(config)
+            args = ModelArgs(**args_from_config(config))
             bad = set(overrides) - {f.name for f in fields(ModelArgs)}
             if bad:
                 raise ValueError(f"{sorted(bad)[0]}: not a ModelArgs field")
+            rs = overrides.get("rope_scaling")
+            if rs and rs.get("rope_type", rs.get("type")) == "yarn":
+                rs = overrides["rope_scaling"] = dict(rs)
+                rs.setdefault("original_max_position_embeddings", args.max_seq_len)
             args = ModelArgs(**{**asdict(args), **overrides})
         except ValueError as e:
-            raise SystemExit(f"{config_path}: {e}") from None
+            raise SystemExit(f"{os.path.join(folder, 'config.json')}: {e}") from None
         state = load_state_dict(folder)
         if dtype == "auto":
             dtype = next(iter(state.values())).dtype
-        model = cls(args).to(dtype)
-        if config.get("quantization_config"):
-            # GPTQ folders: quantize.py swaps the Linear layers for its QuantLinear and loads the packed weights
-            from quantize import load_quantized
-            load_quantized(model, state, config["quantization_config"])
-            return model
-        head = "lm_head.weight" if args.arch == "llama" else "embed_out.weight"
-        if args.tie_word_embeddings:
-            state.pop(head, None)  # HF ignores a stored copy of a tied head too
-        # old HF checkpoints carry RoPE / causal-mask buffers that are recomputed here
-        state = {k: v for k, v in state.items()
-                 if not k.endswith(("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"))}
-        expected = set(model.state_dict()) - ({head} if args.tie_word_embeddings else set())
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise SystemExit(f"{folder}: weights do not match the config (missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]})")
-        model.load_state_dict(state, strict=False)
-        return model
+        return load_weights(cls(args).to(dtype), state, config, folder)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None):
@@ -899,124 +510,3 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
         drop = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0]
-
-
-# ----------------------------------------------------------------------------- HF config mapping
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def hf_rope_parameters(args: ModelArgs) -> dict:
-    """rope_parameters as transformers 5 reads them (rope_theta inside). Our fixed-alpha "ntk" is not an HF
-    type, but it is exactly the default RoPE with the stretched base, so it exports as that."""
-    rs = dict(args.rope_scaling or {"rope_type": "default"})
-    theta = args.rope_theta
-    if rs["rope_type"] == "ntk":
-        d = int(args.head_dim * args.rotary_pct)
-        rs, theta = {"rope_type": "default"}, theta * rs["factor"] ** (d / (d - 2))
-    params = {**rs, "rope_theta": theta}
-    if args.arch == "neox":
-        params["partial_rotary_factor"] = args.rotary_pct
-    return params
-
-
-def hf_config(args: ModelArgs) -> dict:
-    """The transformers config.json of these args (transformers 4 keys kept beside rope_parameters)."""
-    rope = hf_rope_parameters(args)
-    common = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                  num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                  max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_word_embeddings,
-                  bos_token_id=args.bos_id, eos_token_id=args.eos_id, pad_token_id=args.pad_id,
-                  rope_parameters=rope, rope_theta=rope["rope_theta"], initializer_range=0.02, use_cache=True)
-    legacy_scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    common["rope_scaling"] = legacy_scaling if legacy_scaling["rope_type"] != "default" else None
-    if args.arch == "llama":
-        return dict(architectures=["LlamaForCausalLM"], model_type="llama", **common,
-                    num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, hidden_act="silu",
-                    rms_norm_eps=args.norm_eps, attention_bias=False, mlp_bias=False,
-                    attention_dropout=args.dropout)
-    return dict(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", **common, hidden_act="gelu",
-                layer_norm_eps=args.norm_eps, use_parallel_residual=args.use_parallel_residual,
-                rotary_pct=args.rotary_pct, rotary_emb_base=rope["rope_theta"], attention_bias=True,
-                attention_dropout=args.dropout, hidden_dropout=args.dropout)
-
-
-def args_from_config(config: dict) -> ModelArgs:
-    """ModelArgs from our config.json ("model_args") or a transformers Llama / GPT-NeoX one.
-    Anything this model cannot reproduce is a ValueError naming the config key."""
-    if "model_args" in config:
-        return ModelArgs(**config["model_args"])
-    model_type = config.get("model_type")
-    if model_type not in ("llama", "gpt_neox"):
-        raise ValueError(f"model_type: {model_type!r} is not supported (llama | gpt_neox)")
-
-    def require(key, allowed, default):
-        if config.get(key, default) not in allowed:
-            raise ValueError(f"{key}: {config.get(key)!r} is not supported (expected {allowed[0]!r})")
-
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    # rope: transformers 5 "rope_parameters" (theta inside) or the legacy "rope_scaling" + "rope_theta"
-    rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
-    theta = (config.get("rope_parameters") or {}).get("rope_theta") or rope.get("rope_theta") or \
-        config.get("rope_theta") or config.get("rotary_emb_base") or 10000.0
-    common = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-                  vocab_size=config["vocab_size"], hidden_dim=config["intermediate_size"],
-                  max_seq_len=config.get("max_position_embeddings", 2048), rope_theta=float(theta),
-                  rope_scaling=rope or None, tie_word_embeddings=config.get("tie_word_embeddings", False),
-                  bos_id=_first(config.get("bos_token_id"), 1), eos_id=_first(config.get("eos_token_id"), 2),
-                  pad_id=_first(config.get("pad_token_id"), 0))
-    if model_type == "llama":
-        require("hidden_act", ["silu"], "silu")
-        require("attention_bias", [False], False)
-        require("mlp_bias", [False], False)
-        if config.get("head_dim") not in (None, dim // n_heads):
-            raise ValueError(f"head_dim: {config['head_dim']} != hidden_size / num_attention_heads")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("rope_parameters.partial_rotary_factor: partial rotary is not supported for llama")
-        return ModelArgs(arch="llama", n_kv_heads=config.get("num_key_value_heads") or n_heads,
-                         norm_eps=config.get("rms_norm_eps", 1e-6), **common)
-    require("hidden_act", ["gelu"], "gelu")
-    require("attention_bias", [True], True)
-    pct = (config.get("rope_parameters") or {}).get("partial_rotary_factor") or config.get("rotary_pct", 0.25)
-    return ModelArgs(arch="neox", norm_eps=config.get("layer_norm_eps", 1e-5), rotary_pct=float(pct),
-                     use_parallel_residual=config.get("use_parallel_residual", True), **common)
-
-
-def _first(x, default):  # HF allows a list of eos ids; we keep the first
-    if isinstance(x, list):
-        return x[0] if x else default
-    return default if x is None else x
-
-
-def load_state_dict(folder) -> dict:
-    """Tensors of a checkpoint folder: model.safetensors, a sharded *.safetensors.index.json, or pytorch_model.bin."""
-    from safetensors.torch import load_file
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.exists(single):
-        return load_file(single)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = os.path.join(folder, index_name)
-        if os.path.exists(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state = {}
-            for s in shards:
-                path = os.path.join(folder, s)
-                state.update(load_file(path) if s.endswith(".safetensors")
-                             else torch.load(path, map_location="cpu", weights_only=True))
-            return state
-    binary = os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise SystemExit(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
-
-
-def _write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _atomic(path, write):
-    """write(tmp_path) then rename, so a crash never leaves a half-written file under the real name."""
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)

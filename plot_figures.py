@@ -12,10 +12,12 @@ table: the `name: value` lines of a `bench.py --out FILE` file as a picture, and
 
 matplotlib is optional (not needed to train): without it the table is still printed as markdown.
 """
-import argparse
 import json
 import os
 import re
+
+import cli
+from checkpoint import atomic_write
 
 
 def read_log(path):
@@ -70,9 +72,7 @@ def pyplot():
 def save(fig, out):
     """Write to a temp name in the same folder, then rename: a reader never sees half a PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=150, bbox_inches="tight")
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight"), suffix=".tmp.png")
     print(f"wrote: {out}")
 
 
@@ -137,15 +137,14 @@ def plot_table(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(prog="plot_figures.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, prog="plot_figures.py")
     sub = p.add_subparsers(dest="figure", required=True)
     lo = sub.add_parser("loss", help="train and validation loss curves from trainer.py log.jsonl files")
     lo.add_argument("logs", nargs="+", help="log.jsonl files (one curve pair each)")
     lo.add_argument("--out", default="figures/loss.png", help="PNG to write (default: figures/loss.png)")
     lo.add_argument("--labels", nargs="+", default=None, help="legend name per log (default: its folder name)")
     lo.add_argument("--title", default="pretraining loss", help="figure title")
-    lo.add_argument("--logy", action="store_true", help="logarithmic loss axis")
+    cli.add_flag(lo, "--logy", False, "logarithmic loss axis")
     lo.set_defaults(fn=plot_loss)
     ta = sub.add_parser("table", help="the `name: value` lines of a bench.py --out file as a table")
     ta.add_argument("bench", help="file written by `python bench.py --out FILE ...`")

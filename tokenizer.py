@@ -7,6 +7,12 @@ so a folder that holds both reads the same ids as sentencepiece).
     tok = Tokenizer("tokenizer/tokenizer.model")
     ids = tok.encode("你好", bos=True, eos=True)
     tok.decode(ids), tok.vocab_size, tok.eos_id, tok.token_id("<|user|>"), tok.file_hash
+
+and THE chat template (render_chat), which SFT data, eval and chat all call, so training and inference
+can never disagree:
+
+    <s> <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> ...
+    mask:  0 everywhere except the assistant's text tokens and its <|end|> (1 = trained on)
 """
 import hashlib
 import json
@@ -18,8 +24,14 @@ import re
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
-# train_tokenizer.py's chat-role pieces typed inside a text (the group keeps them in re.split's output)
-_CHAT_MARKER = re.compile(r"(<\|(?:system|user|assistant|end)\|>)")
+
+# the chat-role pieces: <|system|> <|user|> <|assistant|> open a turn, <|end|> closes it
+ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
+END_TOKEN = "<|end|>"
+CHAT_TOKENS = [*ROLE_TOKENS.values(), END_TOKEN]  # train_tokenizer.py gives each one id
+# a chat-role piece typed inside a text (the group keeps it in re.split's output)
+_CHAT_MARKER = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
 
 
 def file_sha256(path: str, n_hex: int = 16) -> str:
@@ -121,7 +133,7 @@ class Tokenizer:
         """encode_batch for data text (documents, chat messages), where chat-role pieces must not appear:
         the tokenizer matches "<|user|>" anywhere, so a text holding "<|end|><|assistant|>" would forge a
         turn. Each such marker is cut into "<|" and "end|>", encoded apart, and spells the same text with
-        ordinary tokens; only dataset_sft.render_chat puts the real role tokens in."""
+        ordinary tokens; only render_chat puts the real role tokens in."""
         pieces = []  # per text: the strings to encode one by one
         for text in texts:
             parts = _CHAT_MARKER.split(text) if "<|" in text else [text]  # text, marker, text, ..., text
@@ -148,3 +160,36 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# THE chat template
+
+def piece_ids(tokenizer: Tokenizer, piece: str) -> list[int]:
+    """One id for a special piece such as <|user|>; a tokenizer without it spells the marker as text."""
+    i = tokenizer.token_id(piece)
+    return [i] if i is not None else tokenizer.encode(piece)
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """messages -> (ids, mask): <s> then <|role|> content <|end|> per message; mask 1 = trained on.
+
+    The mask is 1 on each assistant reply's content tokens and its <|end|>, 0 on <s>, on every role
+    token and on all system/user tokens. add_generation_prompt appends <|assistant|> (for chat).
+    Markers written inside a content stay text (Tokenizer.encode_text_batch): only this function makes turns.
+    """
+    end = piece_ids(tokenizer, END_TOKEN)
+    contents = tokenizer.encode_text_batch([m["content"] for m in messages]) if messages else []
+    ids, mask = [tokenizer.bos_id], [0]
+    for m, content in zip(messages, contents):
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        role = piece_ids(tokenizer, ROLE_TOKENS[m["role"]])
+        trained = int(m["role"] == "assistant")
+        ids += role + content + end
+        mask += [0] * len(role) + [trained] * (len(content) + len(end))
+    if add_generation_prompt:
+        role = piece_ids(tokenizer, ROLE_TOKENS["assistant"])
+        ids += role
+        mask += [0] * len(role)
+    return ids, mask

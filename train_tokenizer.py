@@ -9,23 +9,25 @@ gives the same ids as sentencepiece. Copy the whole folder along with a model (t
 BPE (or --model_type unigram) with byte fallback (no <unk> ever: an unseen character becomes its UTF-8
 bytes), split digits (numbers are spelled digit by digit), character coverage 0.9995 (Chinese has a long
 tail of rare characters; those fall back to bytes), identity normalisation, no whitespace folding and no
-dummy-prefix space (decode(encode(text)) == text, and transformers converts it without surprises). Ids: <pad>=0 <unk>=1 <s>=2 </s>=3, then the chat-role pieces
-<|system|> <|user|> <|assistant|> <|end|> that the one chat template of dataset_sft.py renders.
+dummy-prefix space (decode(encode(text)) == text, and transformers converts it without surprises).
+Ids: <pad>=0 <unk>=1 <s>=2 </s>=3, then the chat-role pieces <|system|> <|user|> <|assistant|> <|end|>
+(tokenizer.CHAT_TOKENS) that the one chat template, tokenizer.render_chat, renders.
 
-Memory is bounded whatever the corpus size: the inputs are streamed (same readers and cleaning as
+Memory is bounded whatever the corpus size: the inputs are streamed (corpus.py's readers and cleaning, as
 data_process.py) and sentencepiece keeps a uniform random sample of --input_sentence_size sentences
 (reservoir sampling, --shuffle_input_sentence).
 """
-import argparse
 import json
 import os
 import time
 
-from data_process import add_input_args, clean_documents, iter_documents, resolve_inputs
+import cli
+from checkpoint import atomic_files
+from corpus import add_input_args, clean_documents, iter_documents, resolve_inputs
+from tokenizer import CHAT_TOKENS, Tokenizer
 
 SPECIAL = dict(pad_id=0, pad_piece="<pad>", unk_id=1, unk_piece="<unk>", bos_id=2, bos_piece="<s>",
                eos_id=3, eos_piece="</s>")
-CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def training_sentences(docs, max_chars=1000):
@@ -48,21 +50,21 @@ def write_hf_files(out_dir: str):
     hf = LlamaTokenizer.from_pretrained(out_dir, pad_token=SPECIAL["pad_piece"], add_bos_token=False,
                                         add_eos_token=False, add_prefix_space=False, legacy=False,
                                         split_special_tokens=True)
+
+    def write(tmp):
+        hf.save_pretrained(tmp)
+        # save_pretrained lists every added token as "special"; a folder converted again from tokenizer.model
+        # with that config would then split the chat-role pieces into characters
+        with open(os.path.join(tmp, "tokenizer_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg["extra_special_tokens"] = [t for t in cfg.get("extra_special_tokens", []) if t not in CHAT_TOKENS]
+        for key in ("is_local", "local_files_only"):  # artefacts of loading from a local folder
+            cfg.pop(key, None)
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, ensure_ascii=False, indent=2)
+
     # save into a temp folder, then move the files in: never a half-written tokenizer.json under its name
-    tmp = os.path.join(out_dir, "hf.tmp")
-    hf.save_pretrained(tmp)
-    # save_pretrained lists every added token as "special"; a folder converted again from tokenizer.model with
-    # that config would then split the chat-role pieces into characters
-    with open(os.path.join(tmp, "tokenizer_config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["extra_special_tokens"] = [t for t in cfg.get("extra_special_tokens", []) if t not in CHAT_TOKENS]
-    for key in ("is_local", "local_files_only"):  # artefacts of loading from a local folder
-        cfg.pop(key, None)
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, ensure_ascii=False, indent=2)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
+    atomic_files(out_dir, write, os.path.join(out_dir, "hf.tmp"))
 
 
 def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_type="bpe", text_field=("text",),
@@ -113,7 +115,7 @@ def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_ty
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__)
     add_input_args(p)
     p.add_argument("--out_dir", default="tokenizer", help="folder for tokenizer.model and the transformers files (default: tokenizer)")
     p.add_argument("--vocab_size", type=int, default=32000, help="number of pieces, ids 0..vocab_size-1 (default: 32000)")
@@ -122,15 +124,15 @@ def main():
                    help="train on a uniform random sample of this many lines; bounds memory on huge corpora (default: 5000000)")
     p.add_argument("--character_coverage", type=float, default=0.9995,
                    help="share of characters covered by single pieces; the rest fall back to bytes (default: 0.9995)")
-    p.add_argument("--allow_uint32", action="store_true", help="allow --vocab_size > 65535 (uint32 token files)")
+    cli.add_flag(p, "--allow_uint32", False, "allow --vocab_size > 65535 (uint32 token files)")
+    cli.add_flag(p, "--hf_files", True, "also write tokenizer.json + tokenizer_config.json for transformers (BPE only)")
     p.add_argument("--num_threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
     args = p.parse_args()
     files = resolve_inputs(args)
     t0 = time.perf_counter()
     path = train_tokenizer(files, args.out_dir, args.vocab_size, args.model_type, args.text_field, args.txt_docs,
                            args.strip_pos_tags, args.skip_bad_lines, args.min_chars, args.dedup, args.input_sentence_size,
-                           args.character_coverage, args.allow_uint32, args.num_threads)
-    from tokenizer import Tokenizer
+                           args.character_coverage, args.allow_uint32, args.num_threads, args.hf_files)
     tok = Tokenizer(path)
     print(f"tokenizer: {path}")
     print(f"vocab_size: {tok.vocab_size}")

@@ -14,7 +14,9 @@ Prints `name: value` lines (milliseconds per call: --iters calls back to back, m
 import torch
 
 from benchmarks.common import cuda_time_ms, peak_gib, require_cuda, reset_peak
-from model import ModelArgs, Transformer, attention, build_attn_mask, flash_attn_func, position_ids_from_doc_ids
+from attention import attention, build_attn_mask, flash_attn_func, position_ids_from_doc_ids
+from checkpoint import hf_config
+from model import ModelArgs, Transformer
 
 
 def packed_doc_ids(B, T, n_docs, device, seed=0):
@@ -57,7 +59,6 @@ def bench_model(a, T):
     """Whole model forward+backward (loss) on packed rows, per backend, and transformers' Llama (dense causal:
     it has no document mask for sdpa) on the same config and weights."""
     import transformers
-    from model import hf_config
     dev = "cuda"
     args = ModelArgs(dim=a.model_dim, n_layers=a.model_layers, n_heads=a.model_dim // a.head_dim,
                      vocab_size=32000, max_seq_len=T)

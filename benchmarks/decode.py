@@ -1,21 +1,22 @@
 """Tokens/s of batch-1 (and batch-8) greedy decoding, ours vs transformers' generate.
 
 Same random-weight model, bf16, one GPU, 256 new tokens after a short prompt (prefill included in the time):
-  ours          eval.py's loop: static KV cache, the one-token step recorded as a CUDA graph; at batch <= 4
-                of a Llama the step is fast_decode.py's Triton kernels (five per layer), else inductor's
-  ours_inductor the same loop with the step always inductor's (eval.Decoder kernels=False)
-  ours_no_pdl   ours with the kernels launched one after the other (fast_decode.USE_PDL off)
+  ours          eval.py's loop (engine.generate): static KV cache, the one-token step recorded as a CUDA
+                graph; at batch <= 4 of a Llama the step is fast_decode.py's Triton kernels (five per layer)
+                with greedy decoding's pick recorded in the same graph, else inductor's
+  ours_inductor the same loop with the step always inductor's (engine.Decoder kernels=False)
+  ours_no_pdl   ours with the kernels launched one after the other (NoPDL: fast_decode's pdl=False)
   ours_pick_outside_graph  ours with each greedy pick (and the next step's slot) taken between two replays
-                of the recorded step rather than inside it (eval.GREEDY_IN_GRAPH off)
-  ours_torch_argmax  ours_pick_outside_graph with torch's argmax instead of fast_decode.argmax
-  ours_prefill_no_graph  ours with the compiled prompt pass not recorded as a CUDA graph (prefill_graphs=False)
-  ours_eager_prefill  the same, with the prompt pass not compiled (eval.Decoder compile_prefill=False)
+                of the recorded step rather than inside it (PickOutsideGraph)
+  ours_prefill_no_graph  ours with the compiled prompt pass not recorded as a CUDA graph (PrefillNoGraph)
+  ours_eager_prefill  the same, with the prompt pass not compiled (EagerPrefill)
   ours_eager    the same loop without torch.compile
   hf_dynamic    transformers generate with its default dynamic cache
   hf_static     transformers generate with cache_implementation="static": generate then compiles the
                 one-token forward itself (torch.compile, mode="reduce-overhead"; its prompt pass stays eager)
   bound         memory-bandwidth limit at batch 1: every token reads every weight once,
                 tokens/s <= bandwidth / parameter bytes (H100 SXM: 3.35e12 B/s)
+Each ours_* alternative is engine.Decoder with one small method overridden here.
 
     python bench.py decode --presets 350m,1.1b --batch_sizes 1,8
 """
@@ -23,14 +24,52 @@ import tempfile
 
 import torch
 
-import eval as ev
 import fast_decode
 from benchmarks.common import best_wall_s, pick, require_cuda, reset_peak
+from engine import Decoder, GenerationConfig, generate
 from model import ModelArgs, Transformer
 
 
-ENTRIES = ["ours", "ours_inductor", "ours_no_pdl", "ours_pick_outside_graph", "ours_torch_argmax",
-           "ours_prefill_no_graph", "ours_eager_prefill", "ours_eager", "hf_dynamic", "hf_static"]
+class NoPDL(Decoder):
+    """The Triton kernels (and the recorded greedy pick) launched one after the other."""
+
+    def kernels_step(self, tokens, cache, cache_pos):
+        return fast_decode.decode_step(self.model, tokens, cache, cache_pos, pdl=False)
+
+    def kernels_pick(self, logits, out, record):
+        return fast_decode.argmax(logits, out=out, record=record, pdl=False)
+
+
+class PickOutsideGraph(Decoder):
+    """Greedy picks between two replays of the recorded step (the loop sampling and penalties use)."""
+
+    def picks_in_graph(self, batch_size):
+        return False
+
+
+class PrefillNoGraph(Decoder):
+    """The prompt pass compiled but not recorded as a CUDA graph."""
+
+    def compile_prefill(self, prefill):
+        return torch.compile(prefill)
+
+
+class EagerPrefill(Decoder):
+    """The prompt pass not compiled."""
+
+    def compile_prefill(self, prefill):
+        return None
+
+
+# entry -> its decoder
+DECODERS = {"ours": lambda m: Decoder(m, compile=True),
+            "ours_inductor": lambda m: Decoder(m, compile=True, kernels=False),
+            "ours_no_pdl": lambda m: NoPDL(m, compile=True),
+            "ours_pick_outside_graph": lambda m: PickOutsideGraph(m, compile=True),
+            "ours_prefill_no_graph": lambda m: PrefillNoGraph(m, compile=True),
+            "ours_eager_prefill": lambda m: EagerPrefill(m, compile=True),
+            "ours_eager": lambda m: Decoder(m)}
+ENTRIES = [*DECODERS, "hf_dynamic", "hf_static"]
 
 
 def run(args):
@@ -51,58 +90,37 @@ def run(args):
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to("cuda").eval()
-        cfg = ev.GenerationConfig(max_new_tokens=n_new, stop_ids=[])  # no stop: always n_new tokens
+        cfg = GenerationConfig(max_new_tokens=n_new, stop_ids=[])  # no stop: always n_new tokens
         for B in [int(b) for b in args.batch_sizes.split(",")]:
-            decoder, decoder_eager = ev.Decoder(model, compile=True), ev.Decoder(model)
-            decoder_inductor = ev.Decoder(model, compile=True, kernels=False)
-            decoder_no_pdl = ev.Decoder(model, compile=True)
-            decoder_eager_prefill = ev.Decoder(model, compile=True, compile_prefill=False)
-            decoder_prefill_no_graph = ev.Decoder(model, compile=True, prefill_graphs=False)
             prompts = torch.randint(4, args.vocab_size, (B, args.prompt_len)).tolist()
             ids = torch.tensor(prompts, device="cuda")
             mask = torch.ones_like(ids)
-            tag = f"{preset}_b{B}"
 
-            def ours(dec=decoder):
-                out = ev.generate(dec, prompts, cfg, pad_id=0)
+            def ours(decoder):
+                out = generate(decoder, prompts, cfg, pad_id=0)
                 assert all(len(o) == n_new for o in out)
-
-            def ours_without(*switches, dec=decoder):
-                # ours with module switches, (module, name) pairs, off for this call only. fast_decode.USE_PDL
-                # is read when the graph is recorded (the first step on a cache, in the entry's warm-up): its
-                # own decoder keeps the graph recorded without PDL after the switch is back on
-                for module, name in switches:
-                    setattr(module, name, False)
-                try:
-                    ours(dec)
-                finally:
-                    for module, name in switches:
-                        setattr(module, name, True)
 
             def hf_generate(**kw):
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                                   do_sample=False, pad_token_id=0, **kw)
                 assert out.shape[1] == args.prompt_len + n_new
 
-            no_pdl, outside, torch_argmax = (fast_decode, "USE_PDL"), (ev, "GREEDY_IN_GRAPH"), (ev, "USE_TRITON_ARGMAX")
-            # transformers' static cache: generate compiles its decode step itself (wrapping forward in
-            # torch.compile as well would compile twice, nested)
-            for name, fn, warmup in [("ours", ours, 2), ("ours_inductor", lambda: ours(decoder_inductor), 2),
-                                     ("ours_no_pdl", lambda: ours_without(no_pdl, dec=decoder_no_pdl), 2),
-                                     ("ours_pick_outside_graph", lambda: ours_without(outside), 1),
-                                     ("ours_torch_argmax", lambda: ours_without(outside, torch_argmax), 1),
-                                     ("ours_prefill_no_graph", lambda: ours(decoder_prefill_no_graph), 2),
-                                     ("ours_eager_prefill", lambda: ours(decoder_eager_prefill), 2),
-                                     ("ours_eager", lambda: ours(decoder_eager), 1),
-                                     ("hf_dynamic", hf_generate, 1),
-                                     ("hf_static", lambda: hf_generate(cache_implementation="static"), 2)]:
-                if name not in entries:
-                    continue
-                for _ in range(warmup):  # compile + CUDA graph recording happen here
+            def entry(name):
+                """(the timed call, its warm-up runs: compile and CUDA graph recording happen there)"""
+                if name in DECODERS:
+                    decoder = DECODERS[name](model)
+                    return (lambda: ours(decoder)), (1 if name == "ours_eager" else 2)
+                # transformers' static cache: generate compiles its decode step itself (wrapping forward in
+                # torch.compile as well would compile twice, nested)
+                static = {"cache_implementation": "static"} if name == "hf_static" else {}
+                return (lambda: hf_generate(**static)), (2 if static else 1)
+
+            for name in [e for e in ENTRIES if e in entries]:
+                fn, warmup = entry(name)
+                for _ in range(warmup):
                     fn()
-                print(f"{tag}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
-            del decoder, decoder_eager, decoder_eager_prefill, decoder_inductor, decoder_no_pdl
-            del decoder_prefill_no_graph
+                print(f"{preset}_b{B}_{name}_tok/s: {B * n_new / best_wall_s(fn, args.repeats):.0f}")
+                del fn  # and its decoder
             torch._dynamo.reset()  # drop the compiled graphs of this batch size before the next
         del model, hf
         reset_peak()

@@ -1,12 +1,13 @@
 """Fine-tuning on one GPU, ours (fine_tuning.py) vs transformers + peft: full, LoRA r=8, long context.
 
-At the 1.1B (TinyLlama) shape: full fine-tuning vs LoRA r=8, ours (fine_tuning.py on trainer.py) beside
+At the 1.1B (TinyLlama) shape: full fine-tuning vs LoRA r=8, ours (lora.py's model on trainer.py, as
+fine_tuning.py builds it) beside
 transformers + peft; then long context at --long_factor x the trained length with YaRN and LoRA: plain
 causal attention on sdpa (flash / cuDNN), plain eager attention (T x T scores) and LongLoRA's S2-Attn.
 Peak memory and tokens/s per run (or OOM: a run that does not fit says so and the others go on), as
 `name: value` lines.
 
-    python bench.py finetune                       # the lead's H100 run
+    python bench.py finetune                       # every part at the 1.1B shape (GPU)
     python bench.py finetune --parts long --long_factor 4 --batch_size 2    # 4x length only
     python bench.py finetune --preset tiny --device cpu --steps 2 --warmup 1    # smoke test
 
@@ -22,9 +23,11 @@ import tempfile
 
 import torch
 
-import fine_tuning
+import cli
+import lora
 import trainer
 from benchmarks.common import peak_gib, require_cuda, reset_peak, time_steps
+from distributed import setup_distributed
 from model import ModelArgs, Transformer
 
 
@@ -42,18 +45,28 @@ class RandomSFT:
         return {"input_ids": ids[:, :-1], "targets": targets}
 
 
+def finetune_args(argv):
+    """fine_tuning.py's model and training flags (lora.add_args, trainer.add_train_args, its defaults)."""
+    p = argparse.ArgumentParser()
+    lora.add_args(p)
+    trainer.add_train_args(p)
+    p.set_defaults(**lora.FINETUNE_DEFAULTS)
+    args = p.parse_args(argv)
+    lora.check_args(args)
+    return args
+
+
 def run_ours(a, base, name, seq_len, extra):
-    """fine_tuning.build_model + trainer.Trainer.train_step: exactly what fine_tuning.py runs."""
+    """lora.build_model + trainer.Trainer.train_step: exactly what fine_tuning.py runs."""
     device = torch.device(a.device)
     reset_peak(device)
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--init_from", base, "--train_data", "unused", "--out_dir", out, "--batch_size", str(a.batch_size),
-                "--device", a.device, "--dtype", a.dtype, "--tensorboard", "False", "--lr", "1e-5",
-                "--gradient_checkpointing", str(a.gradient_checkpointing), "--max_seq_len", str(seq_len), *extra]
-        args = fine_tuning.get_parser().parse_args(argv)
-        fine_tuning.check_args(args)
+        args = finetune_args(["--init_from", base, "--out_dir", out, "--batch_size", str(a.batch_size),
+                              "--device", a.device, "--dtype", a.dtype, "--tensorboard", "False", "--lr", "1e-5",
+                              "--gradient_checkpointing", str(a.gradient_checkpointing),
+                              "--max_seq_len", str(seq_len), *extra])
         try:
-            model, _ = fine_tuning.build_model(args, device)
+            model, _ = lora.build_model(args, device)
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             t = trainer.Trainer(args, model, RandomSFT(model.args.vocab_size, seq_len))
             dt = time_steps(t.train_step, a.warmup, a.steps, device)
@@ -84,7 +97,7 @@ def run_hf(a, base, name, seq_len, lora):
         if lora:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                     target_modules=fine_tuning.DEFAULT_TARGETS["llama"].split(",")))
+                                                     target_modules=lora.DEFAULT_TARGETS["llama"].split(",")))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
         data = RandomSFT(model.config.vocab_size, seq_len)
@@ -113,7 +126,7 @@ def run(a):
     device = torch.device(a.device)
     if device.type == "cuda":
         require_cuda("finetune --device cuda")
-    trainer.setup_distributed(argparse.Namespace(device=a.device, local_rank=-1, use_deepspeed=False))
+    setup_distributed(argparse.Namespace(device=a.device, local_rank=-1, use_deepspeed=False))
     torch.manual_seed(0)
     margs = ModelArgs.preset(a.preset)
     T = margs.max_seq_len
@@ -144,7 +157,7 @@ def run(a):
         print(f"long{f}x_seq_len: {f * T}")
         yarn = ["--rope_scaling", json.dumps({"rope_type": "yarn", "factor": f})]
         for name, extra in [("sdpa", ["--attn_impl", "sdpa"]), ("eager", ["--attn_impl", "eager"]),
-                            ("s2attn", ["--s2_attn", "True", "--sft_mode", "padding"])]:
+                            ("s2attn", ["--s2_attn", "True"])]:
             run_ours(a, base, f"long{f}x_{name}_lora", f * T, lora + yarn + extra)
 
 
@@ -155,11 +168,10 @@ def add_args(p):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="training precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
-    p.add_argument("--gradient_checkpointing", type=trainer.str2bool, default=False,
-                   help="recompute activations in backward (both ours and HF)")
+    cli.add_flag(p, "--gradient_checkpointing", False, "recompute activations in backward (both ours and HF)")
     p.add_argument("--parts", default="full,lora,long",
                    help="which runs: full fine-tuning, lora r=8, long context (YaRN, sdpa vs eager vs S2-Attn)")
     p.add_argument("--long_factor", type=int, default=2, help="long context: this many times the trained length")
-    p.add_argument("--hf", type=trainer.str2bool, default=True, help="also run transformers + peft side by side")
+    cli.add_flag(p, "--hf", True, "also run transformers + peft side by side")
     return p
 

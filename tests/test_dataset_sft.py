@@ -12,9 +12,11 @@ import torch
 import yaml
 
 import dataset_sft
-from dataset_sft import SFTDataset, prepare, render_chat, to_messages
-from model import ModelArgs, Transformer, doc_ids_from_eos, position_ids_from_doc_ids
-from tokenizer import Tokenizer
+from attention import doc_ids_from_eos, position_ids_from_doc_ids
+from dataset_sft import prepare, to_messages
+from model import ModelArgs, Transformer
+from sft_data import SFTDataset
+from tokenizer import Tokenizer, render_chat
 from train_tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,7 @@
-"""eval.py against transformers: greedy and beam-search ids equal `generate` on the exported model, the
-logits processors equal transformers' on the same logits, perplexity equals the one computed from
-transformers' logits; plus sampling, stop rules, batching, LoRA loading and the CLI end to end."""
+"""eval.py and its library (engine.py, scoring.py) against transformers: greedy and beam-search ids equal
+`generate` on the exported model, the logits processors equal transformers' on the same logits, perplexity
+equals the one computed from transformers' logits; plus the engine against model.generate, sampling, stop
+rules, batching, LoRA loading and the CLI end to end."""
 import argparse
 import collections
 import inspect
@@ -17,11 +18,14 @@ import torch
 import torch.nn.functional as F
 
 import dataset_sft
+import engine
 import eval as ev
 import fast_decode
-from data_process import TokenFileWriter, process
+import scoring
+from data_process import process
 from model import ModelArgs, Transformer, sample
 from tokenizer import Tokenizer
+from tokens import TokenFileWriter
 from train_tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -53,8 +57,8 @@ def ckpt(tmp_path_factory):
 
 
 def ours(ckpt, prompts, **kw):
-    cfg = ev.GenerationConfig(**{"stop_ids": [EOS], **kw})
-    return ev.generate(ev.Decoder(ckpt["model"]), prompts, cfg, PAD, ckpt["tok"])
+    cfg = engine.GenerationConfig(**{"stop_ids": [EOS], **kw})
+    return engine.generate(engine.Decoder(ckpt["model"]), prompts, cfg, PAD, ckpt["tok"])
 
 
 def hf_new_ids(ckpt, prompt, **kw):
@@ -88,7 +92,7 @@ def test_repetition_penalty_matches_transformers(ckpt):
     torch.manual_seed(1)
     logits, history = torch.randn(4, 50) * 3, torch.randint(0, 50, (4, 12))
     expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
-    torch.testing.assert_close(ev.apply_repetition_penalty(logits, history, 1.3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(engine.apply_repetition_penalty(logits, history, 1.3), expected, rtol=0, atol=0)
     # and inside generation
     p = PROMPTS[0]
     assert ours(ckpt, [p], max_new_tokens=20, repetition_penalty=1.5)[0] == \
@@ -101,7 +105,7 @@ def test_bad_words_match_transformers(ckpt):
     history = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 7, 8, 1]])
     bad = [[11], [7, 8, 12], [4, 13], [2, 2, 14]]  # row 1 ends with 7 8 -> 12 banned; row 0 ends with 4 -> 13
     expected = NoBadWordsLogitsProcessor(bad, eos_token_id=EOS)(history, logits.clone())
-    got = ev.apply_bad_words(logits, history, bad)
+    got = engine.apply_bad_words(logits, history, bad)
     assert torch.equal(torch.isinf(got), torch.isinf(expected)) and torch.isinf(got).sum() == 3 + 2
     # in generation: the greedy continuation's 2nd token and a two-token word ending in its 5th are banned
     p = PROMPTS[0]
@@ -133,10 +137,10 @@ def test_sampling_is_reproducible_with_a_seed(ckpt):
     kw = dict(max_new_tokens=16, temperature=1.0, top_k=100, top_p=0.95, stop_ids=[])
     runs = []
     for seed in (123, 123, 124):
-        assert ev.request_seed(seed) == seed
+        assert engine.request_seed(seed) == seed
         runs.append(ours(ckpt, PROMPTS[:2], **kw))
     assert runs[0] == runs[1] and runs[0] != runs[2]
-    assert ev.request_seed(None) != ev.request_seed(None)  # a fresh seed per request
+    assert engine.request_seed(None) != engine.request_seed(None)  # a fresh seed per request
 
 
 def test_stop_tokens_and_stop_strings(ckpt):
@@ -153,11 +157,11 @@ def test_stop_tokens_and_stop_strings(ckpt):
     start = len(tok.decode(free[:5]))
     s = text[start:start + 3]
     assert s.strip(), text
-    cfg = ev.GenerationConfig(max_new_tokens=30, stop_strings=[s])
-    got = ev.generate(ev.Decoder(ckpt["model"]), [p], cfg, PAD, tok)[0]
+    cfg = engine.GenerationConfig(max_new_tokens=30, stop_strings=[s])
+    got = engine.generate(engine.Decoder(ckpt["model"]), [p], cfg, PAD, tok)[0]
     n = next(i for i in range(1, len(free) + 1) if s in tok.decode(free[:i]))
     assert got == free[:n]
-    assert ev.finish_text(tok, got, cfg) == text[:text.index(s)]
+    assert engine.finish_text(tok, got, cfg) == text[:text.index(s)]
 
 
 def test_streamer_prints_exactly_the_final_text(ckpt):
@@ -165,12 +169,24 @@ def test_streamer_prints_exactly_the_final_text(ckpt):
     tok = ckpt["tok"]
     ids = tok.encode("hello world, 你好世界 END here")
     out = io.StringIO()
-    st = ev.Streamer(tok, ["END"], out)
+    st = engine.Streamer(tok, ["END"], out)
     for i in range(1, len(ids) + 1):
         st.put(ids[:i])
         assert "\ufffd" not in out.getvalue() and "E" not in out.getvalue()
     st.put(ids, final=True)
     assert out.getvalue() == "hello world, 你好世界 "
+
+
+def test_engine_equals_the_reference_loop(ckpt):
+    """engine.generate gives model.generate's ids (the plain reference loop): a left-padded batch, greedy and
+    sampled with one seed. model.generate pads a row after its EOS; the engine ends the row at its EOS."""
+    ids, mask = engine.left_pad(PROMPTS, PAD)
+    for kw in (dict(), dict(temperature=1.0, top_k=50)):
+        torch.manual_seed(5)
+        ref = ckpt["model"].generate(ids, 12, attention_mask=mask, eos_id=EOS, **kw)[:, ids.shape[1]:].tolist()
+        torch.manual_seed(5)
+        got = ours(ckpt, PROMPTS, max_new_tokens=12, **kw)
+        assert got == [r[:r.index(EOS) + 1] if EOS in r else r for r in ref], kw
 
 
 def test_batched_equals_one_by_one(ckpt):
@@ -189,7 +205,7 @@ def test_perplexity_equals_transformers_loss(ckpt):
     torch.manual_seed(3)
     tokens = np.random.default_rng(0).integers(4, 512, size=150).astype(np.uint16)
     seq_len = 32
-    nll, n = ev.perplexity(ckpt["model"], tokens, seq_len, batch_size=2)
+    nll, n = scoring.perplexity(ckpt["model"], tokens, seq_len, batch_size=2)
     # transformers' loss per window (mean over its len-1 predictions), token-weighted over the windows
     total, count = 0.0, 0
     for b in range(0, len(tokens), seq_len):
@@ -206,7 +222,7 @@ def test_perplexity_equals_transformers_loss(ckpt):
 def test_sliding_window_perplexity_by_hand(ckpt):
     tokens = np.random.default_rng(1).integers(4, 512, size=100).astype(np.uint16)
     seq_len, stride = 32, 12
-    nll, n = ev.perplexity(ckpt["model"], tokens, seq_len, stride=stride, batch_size=3)
+    nll, n = scoring.perplexity(ckpt["model"], tokens, seq_len, stride=stride, batch_size=3)
     # HF's recipe by hand: windows [begin, begin+32) every 12 tokens; only tokens past the previous
     # window's end are scored, each conditioned on everything before it in its window
     total, scored, prev_end = 0.0, [], 1
@@ -233,7 +249,7 @@ def test_lora_adapter_is_merged(ckpt, tmp_path):
     x = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
         expected = peft_model(x)
-        merged = ev.load_model(ckpt["folder"], adapter=str(tmp_path / "adapter"))
+        merged = engine.load_model(ckpt["folder"], adapter=str(tmp_path / "adapter"))
         torch.testing.assert_close(merged(x), expected, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(ckpt["model"](x), expected, atol=1e-3)
     assert isinstance(merged, Transformer)
@@ -244,7 +260,7 @@ def test_mc_accuracy_by_option_loglik(ckpt):
     items = [("What is 2+2?", ["four", "five", "six", "seven"], 0), ("Capital?", ["Paris", "Rome", "def", "import"], 2),
              ("你好", ["世界", "公园", "天气", "散步"], 1)]
     fmt = "{question}\n答案："
-    acc, _ = ev.mc_accuracy(ckpt["model"], tok, items, fmt)
+    acc, _ = scoring.mc_accuracy(ckpt["model"], tok, items, fmt)
     hits = 0
     for q, options, answer in items:
         context = [BOS] + tok.encode(fmt.format(question=q))
@@ -304,7 +320,7 @@ def test_chat_prompt_is_render_chat(ckpt, monkeypatch):
     """The chat loop sends exactly render_chat(..., add_generation_prompt=True) of the conversation so far."""
     import io
     seen = []
-    real = ev.generate
+    real = ev.generate  # chat finds generate in eval's namespace
 
     def spy(decoder, prompts, cfg, *a, **kw):
         seen.append(prompts[0])
@@ -312,8 +328,8 @@ def test_chat_prompt_is_render_chat(ckpt, monkeypatch):
 
     monkeypatch.setattr(ev, "generate", spy)
     tok, out = ckpt["tok"], io.StringIO()
-    cfg = ev.GenerationConfig(max_new_tokens=4, stop_ids=[EOS])
-    ev.chat(ev.Decoder(ckpt["model"]), tok, cfg, ["hi", "more"], out=out)
+    cfg = engine.GenerationConfig(max_new_tokens=4, stop_ids=[EOS])
+    ev.chat(engine.Decoder(ckpt["model"]), tok, cfg, ["hi", "more"], out=out)
     reply = json.loads(out.getvalue().splitlines()[1].removeprefix("assistant: "))
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
     assert seen[1] == dataset_sft.render_chat(tok, msgs, add_generation_prompt=True)[0]
@@ -327,7 +343,7 @@ def test_compiled_prompt_pass_takes_any_length(ckpt):
     torch's counting backend (eager kernels) stands in for inductor, so this runs on CPU."""
     from torch._dynamo.testing import CompileCounter
     model = ckpt["model"]
-    dec, ref, counter = ev.Decoder(model), ev.Decoder(model), CompileCounter()
+    dec, ref, counter = engine.Decoder(model), engine.Decoder(model), CompileCounter()
     torch._dynamo.reset()
     dec._compiled_prefill = torch.compile(dec._prefill, backend=counter)
     for T in (5, 9, 13, 30):
@@ -345,14 +361,14 @@ def test_compiled_decode_matches_eager_on_gpu(ckpt, kernels):
     # fp32: in bf16 the fused kernels round differently and a random model's near-ties flip greedy picks.
     # kernels: fast_decode's Triton step in a CUDA graph; else the model's forward under torch.compile
     model = Transformer.from_pretrained(ckpt["folder"]).cuda().eval()
-    cfg = ev.GenerationConfig(max_new_tokens=32, stop_ids=[])
-    eager = ev.generate(ev.Decoder(model), PROMPTS, cfg, PAD)
-    dec = ev.Decoder(model, compile=True, kernels=kernels)
+    cfg = engine.GenerationConfig(max_new_tokens=32, stop_ids=[])
+    eager = engine.generate(engine.Decoder(model), PROMPTS, cfg, PAD)
+    dec = engine.Decoder(model, compile=True, kernels=kernels)
     assert dec.compiled and dec.kernels == kernels and len(PROMPTS) <= fast_decode.MAX_BATCH
     for _ in range(2):  # the 2nd run replays the recorded CUDA graph
-        assert ev.generate(dec, PROMPTS, cfg, PAD) == eager
+        assert engine.generate(dec, PROMPTS, cfg, PAD) == eager
     # greedy with the kernels picks inside the recorded step (Decoder.greedy_steps): rows stopping early;
     # with a repetition penalty the picks stay outside (Decoder.step)
     for extra in ({"stop_ids": [eager[1][5], eager[2][20]]}, {"repetition_penalty": 1.3}):
-        cfg = ev.GenerationConfig(max_new_tokens=32, **{"stop_ids": [], **extra})
-        assert ev.generate(dec, PROMPTS, cfg, PAD) == ev.generate(ev.Decoder(model), PROMPTS, cfg, PAD)
+        cfg = engine.GenerationConfig(max_new_tokens=32, **{"stop_ids": [], **extra})
+        assert engine.generate(dec, PROMPTS, cfg, PAD) == engine.generate(engine.Decoder(model), PROMPTS, cfg, PAD)

@@ -1,6 +1,6 @@
 """fast_decode.py's Triton kernels against the model's own decode step. On the CPU they run in Triton's
 interpreter (TRITON_INTERPRET=1, set before triton is imported, hence a subprocess); on a GPU compiled, inside
-eval.Decoder's CUDA graph (tests/test_eval.py::test_compiled_decode_matches_eager_on_gpu)."""
+engine.Decoder's CUDA graph (tests/test_eval.py::test_compiled_decode_matches_eager_on_gpu)."""
 import os
 import subprocess
 import sys
@@ -53,7 +53,7 @@ INTERPRETED = textwrap.dedent("""
     x[1, 7] = x[1, 39000] = x[1].max() + 1
     x[2, 20000] = x[2, 30000] = x[2].max() + 1
     assert fast_decode.argmax(x).tolist() == x.argmax(-1).tolist() == [x[0].argmax().item(), 7, 20000]
-    # as recorded in eval.Decoder's greedy step: the picks also go to picks[slot], and the slot moves on
+    # as recorded in engine.Decoder's greedy step: the picks also go to picks[slot], and the slot moves on
     out, picks, slot = torch.zeros(3, 1, dtype=torch.long), torch.zeros(8, 3, dtype=torch.long), torch.tensor([5])
     arrived = torch.zeros(1, dtype=torch.int32)
     for step in range(2):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fine_tuning
+import lora
 import trainer
 from model import ModelArgs, Transformer
 
@@ -62,8 +63,8 @@ def run(env, out, *extra):
 
 def our_lora_model(env, adapter_dir):
     model = Transformer.from_pretrained(env["base"])
-    peft_model = fine_tuning.add_lora(model, env["base"], 4, 8, 0.0)
-    fine_tuning.load_adapter(peft_model, adapter_dir)
+    peft_model = lora.add_lora(model, env["base"], 4, 8, 0.0)
+    lora.load_adapter(peft_model, adapter_dir)
     return model.eval()
 
 
@@ -102,7 +103,7 @@ def build(env, out, *extra):
     """What fine_tuning.main builds, kept in hand: args, LoRA model, data."""
     args = fine_tuning.get_parser().parse_args(
         ["--init_from", env["base"], "--train_data", env["train"], "--out_dir", str(out), *STEPS, *extra])
-    model, peft_model = fine_tuning.build_model(args, torch.device("cpu"))
+    model, peft_model = lora.build_model(args, torch.device("cpu"))
     data = fine_tuning.SFTBatches(env["train"], 64, "packing", args.batch_size * args.grad_accum, args.seed,
                                   env["tok"].vocab_size, env["tok"].file_hash)
     return args, model, peft_model, data
@@ -119,8 +120,8 @@ def test_only_adapter_parameters_train(env, tmp_path):
     assert sum(p.numel() for p in trainable.values()) == a.n_layers * per_layer
     assert all("lora_A" in n or "lora_B" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.train(args, model, data, None, save_model=lambda m, f, t: fine_tuning.save_adapter(peft_model, f),
-                  load_model=lambda m, f: fine_tuning.load_adapter(peft_model, f))
+    trainer.train(args, model, data, None, save_model=lambda m, f, t: lora.save_adapter(peft_model, f),
+                  load_model=lambda m, f: lora.load_adapter(peft_model, f))
     for n, p in model.named_parameters():
         if n in trainable:
             continue
@@ -132,7 +133,7 @@ def test_loss_counts_reply_tokens_only(env):
     """Targets are -100 exactly where render_chat's mask says prompt; changing the targets of prompt
     positions does not change the loss, changing the first reply token's does."""
     import dataset_sft
-    from data_process import is_val_doc
+    from tokens import is_val_doc
     data = fine_tuning.SFTBatches(env["train"], 64, "padding", 1, 0, env["tok"].vocab_size, env["tok"].file_hash,
                                   shuffle=False)
     # a training sample that fits a row whole, rendered independently from its messages
@@ -267,7 +268,7 @@ def qkv(n_kv_heads, T, requires_grad=False):
 def test_s2_attention_matches_masked_reference(n_kv_heads, impl, T, G):
     """S2-Attn (causal calls per group, no mask) == dense attention under the LongLoRA mask, MHA and GQA."""
     q, k, v = qkv(n_kv_heads, T)
-    y = fine_tuning.s2_attention(q, k, v, impl, group_size=G)
+    y = lora.s2_attention(q, k, v, impl, group_size=G)
     ref, full = s2_reference(q, k, v, G)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(y, full, atol=1e-3)  # and it is not plain causal attention (the test can fail)
@@ -279,7 +280,7 @@ def test_s2_attention_gradients_match_reference(n_kv_heads, impl):
     """Backward through the groups, slices and concatenations gives the dense reference's gradients."""
     q, k, v = qkv(n_kv_heads, 32, requires_grad=True)
     w = torch.randn(2, 4, 32, 8)  # a loss that weighs every output element differently
-    (fine_tuning.s2_attention(q, k, v, impl, group_size=8) * w).sum().backward()
+    (lora.s2_attention(q, k, v, impl, group_size=8) * w).sum().backward()
     grads = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):
         x.grad = None
@@ -300,7 +301,7 @@ def test_s2_attention_calls_causal_sdpa_without_mask(monkeypatch):
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    fine_tuning.s2_attention(*qkv(2, 32), "sdpa", group_size=8)
+    lora.s2_attention(*qkv(2, 32), "sdpa", group_size=8)
     assert calls == [
         (torch.Size([8, 2, 8, 8]), None, True), (torch.Size([4, 2, 4, 8]), None, True),
         (torch.Size([6, 2, 8, 8]), None, True)]
@@ -309,14 +310,14 @@ def test_s2_attention_calls_causal_sdpa_without_mask(monkeypatch):
 def test_long_context_yarn_and_s2_attn(env, tmp_path):
     """2x the trained length with YaRN keeps the base's length as YaRN's L0; S2-Attn changes training
     forwards only, and a LoRA run with both trains end to end."""
-    model = fine_tuning.load_base(env["base"], 128, {"rope_type": "yarn", "factor": 2}, "eager")
+    model = lora.load_base(env["base"], 128, {"rope_type": "yarn", "factor": 2}, "eager")
     assert model.args.max_seq_len == 128 and model.args.rope_scaling["original_max_position_embeddings"] == 64
     if not any(hasattr(m, "train_attn_fn") for m in model.modules()):
         pytest.skip("model.py's Attention has no train_attn_fn hook yet")
     x = torch.randint(0, env["tok"].vocab_size, (2, 128))
     with torch.no_grad():
         plain_eval, plain_train = model.eval()(x), model.train()(x)
-        fine_tuning.enable_s2_attn(model, 32)
+        lora.enable_s2_attn(model, 32)
         torch.testing.assert_close(model.eval()(x), plain_eval)
         assert not torch.allclose(model.train()(x), plain_train, atol=1e-4)
     result = run(env, tmp_path / "long", "--lora", "True", "--max_steps", "2", "--max_seq_len", "128",

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import model as M
-from model import (ModelArgs, RotaryEmbedding, Transformer, build_attn_mask, chunked_cross_entropy, doc_ids_from_eos,
-                   flex_attention, position_ids_from_doc_ids, resolve_attn_impl)
+import attention as A
+from attention import build_attn_mask, doc_ids_from_eos, flex_attention, position_ids_from_doc_ids, resolve_attn_impl
+from checkpoint import hf_config
+from loss import chunked_cross_entropy
+from model import ModelArgs, RotaryEmbedding, Transformer
 
 V, MAXPOS, LONG = 97, 32, 48  # LONG > MAXPOS: rope scaling is exercised past the trained length
 
@@ -279,8 +281,9 @@ def test_sampling_filters():
 
 
 def test_bf16_autocast_keeps_the_residual_stream_in_bf16():
-    """Under bf16 autocast the blocks get a bf16 residual stream; with bf16_residual off, or under fp16, the
-    fp32 one autocast leaves. The logits stay those of the fp32 model within bf16 rounding."""
+    """Under bf16 autocast the blocks get a bf16 residual stream; with embed_input's cast left out (as the
+    fp32-residual side of benchmarks/train.py does), or under fp16, the fp32 one autocast leaves. The logits
+    stay those of the fp32 model within bf16 rounding."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs.preset("tiny"))
     x = torch.randint(0, 512, (2, 16))
@@ -289,7 +292,10 @@ def test_bf16_autocast_keeps_the_residual_stream_in_bf16():
         block.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
 
     def run(bf16_residual, dtype):
-        model.bf16_residual = bf16_residual
+        if bf16_residual:
+            model.__dict__.pop("embed_input", None)
+        else:  # the embedding as autocast leaves it
+            model.embed_input = lambda ids: model.drop(model.embed(ids))
         seen.clear()
         with torch.autocast("cpu", dtype=dtype):
             logits = model(x)
@@ -432,7 +438,6 @@ def test_overrides_and_presets():
 @pytest.mark.parametrize("preset", ["tiny", "baby", "1.1b"])
 def test_num_params_equals_transformers(preset):
     args = ModelArgs.preset(preset)
-    from model import hf_config
     cfg = transformers.AutoConfig.for_model(**hf_config(args))
     with torch.device("meta"):
         ours, hf = Transformer(args), transformers.AutoModelForCausalLM.from_config(cfg)
@@ -444,7 +449,7 @@ def test_num_params_equals_transformers(preset):
     assert ours.estimate_mfu(1000.0, peak_flops=1e12) == pytest.approx(1000.0 * flops / 1e12)
 
 
-@pytest.mark.skipif(M.fa4_forward_kernel is not None, reason="flash-attn-4 is installed")
+@pytest.mark.skipif(A.fa4_forward_kernel is not None, reason="flash-attn-4 is installed")
 def test_fa4_backend_needs_its_package_and_falls_back_where_it_cannot_run():
     cpu = torch.device("cpu")
     assert resolve_attn_impl("auto", cpu) == "sdpa"
@@ -470,7 +475,7 @@ def gpu_model(arch="llama", **kw):
 
 
 def needs_fa4():
-    if M.fa4_forward_kernel is None:
+    if A.fa4_forward_kernel is None:
         pytest.skip("flash-attn-4 is not installed")
 
 
@@ -482,7 +487,7 @@ def test_gpu_bf16_backend_matches_fp32_eager(impl, packed, arch):
     """bf16 logits of each fast backend vs the fp32 eager reference. Tolerance: bf16 carries 8 mantissa bits
     (relative step 2^-8 = 0.004) and errors accumulate over 2 layers, so |diff| <= 0.05 + 0.02*|ref|.
     fa4 with packed documents runs its sdpa fallback."""
-    if impl == "flash_attn" and M.flash_attn_func is None:  # flash-attn-4 alone also makes `flash_attn` import
+    if impl == "flash_attn" and A.flash_attn_func is None:  # flash-attn-4 alone also makes `flash_attn` import
         pytest.skip("flash-attn (2) is not installed")
     if impl == "fa4":
         needs_fa4()

@@ -252,7 +252,7 @@ def test_compiled_autograd_accumulates_gradients_like_eager():
     micro-steps under bf16 autocast give eager's fp32 .grad (bf16 GEMMs: 1e-2 of each gradient's scale)."""
     from torch._dynamo.utils import counters
     from model import ModelArgs, Transformer
-    from trainer import compiled_autograd
+    from distributed import compiled_autograd
     torch.manual_seed(0)
     model = Transformer(ModelArgs.preset("tiny"))
     x = torch.randint(0, 512, (2, 2, 32))

