@@ -367,7 +367,7 @@ def generate(decoder, prompts, cfg: GenerationConfig, pad_id, tokenizer=None, st
     if cfg.temperature == 0.0 and not keep_history and cfg.max_new_tokens > 0 and decoder.picks_in_graph(B):
         # greedy with fast_decode's kernels: the picks happen inside the recorded step. Finished rows go on
         # feeding their own picks, which nobody reads (rows never see each other)
-        first = sample(logits)
+        first = fast_decode.argmax(logits)  # the kernel the recorded steps pick with (torch's argmax here costs more)
         ids_per_step = itertools.chain([first.tolist()],
                                        decoder.greedy_steps(first[:, None], cache, T, cfg.max_new_tokens - 1))
     else:
