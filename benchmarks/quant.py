@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 
+from cli import add_flag
 from tokens import load_token_file
 
 QUANTIZE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "quantize.py")
@@ -91,7 +92,7 @@ def add_args(p):
                    help="folder to keep the two quantized checkpoints in (ours/, gptqmodel/); default: a temp folder")
     p.add_argument("--bits", type=int, default=4, help="bits per weight")
     p.add_argument("--group_size", type=int, default=128, help="group size (-1: per row)")
-    p.add_argument("--desc_act", action="store_true", help="act-order")
+    add_flag(p, "--desc_act", False, "act-order: quantize columns by decreasing H[i, i]")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: model max_seq_len, <= 2048)")
     return p
