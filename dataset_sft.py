@@ -26,10 +26,11 @@ import numpy as np
 
 import cli
 from checkpoint import atomic_write
-from corpus import BadInput, imap_ordered, init_worker, input_format, open_binary, records, worker_tokenizer
+from corpus import (BadInput, imap_ordered, init_worker, input_format, open_binary, read_errors, records,
+                    worker_tokenizer)
 from sft_data import SFTDataset
 from tokenizer import CHAT_TOKENS, ROLES, Tokenizer, render_chat
-from tokens import TokenFileWriter, is_val_doc, token_dtype
+from tokens import TokenFileWriter, commit_together, is_val_doc, token_dtype
 
 # sharegpt speaker names -> our roles (the original "human"/"gpt" and the newer "user"/"assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -62,6 +63,9 @@ def alpaca_to_messages(sample: dict) -> list[dict]:
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     # the instruction and its optional input form one user turn
     instruction, extra = _field(sample, "instruction"), sample.get("input") or ""
+    for key, value in (("instruction", instruction), ("input", extra)):  # one user turn: strings, not str(list)
+        if not isinstance(value, str):
+            raise BadSample(f"field {key!r} must be a string, got {type(value).__name__}")
     messages.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
     messages.append({"role": "assistant", "content": _field(sample, "output")})
     return messages
@@ -76,7 +80,7 @@ def _turns_to_messages(sample: dict, list_key: str, role_key: str, content_key: 
     for k, turn in enumerate(turns):
         where = f"{list_key}[{k}]: "
         speaker = _field(turn, role_key, where)
-        if speaker not in roles:
+        if not isinstance(speaker, str) or speaker not in roles:
             raise BadSample(f"{where}unknown role {speaker!r} (expected one of {', '.join(roles)})")
         messages.append({"role": roles[speaker], "content": _field(turn, content_key, where)})
     return messages
@@ -144,6 +148,8 @@ def read_samples(path: str):
                 i += 1
         except BadInput as e:
             raise SystemExit(f"{e}")
+        except read_errors() as e:
+            raise SystemExit(f"{path}: read error, damaged or truncated file ({e})")
 
 
 def conversations(files, skip_bad_samples: bool, counts):
@@ -248,10 +254,9 @@ def chunks(items, n: int):
 def write_splits(writers: dict, rendered, val_ratio: float, counts, progress: bool) -> int:
     """Append the rendered chunks to the train (and val) writers, choosing each sample's split with
     is_val_doc; returns the number of samples."""
-    from tqdm import tqdm
 
     n_samples = 0
-    with tqdm(unit="sample", desc="render", disable=not progress) as bar:
+    with cli.progress(unit="sample", desc="render", disable=not progress) as bar:
         for ids, mask, per_sample in rendered:
             is_val = np.array([is_val_doc(n_samples + i, val_ratio) for i in range(len(per_sample))], bool)
             n_samples += len(per_sample)
@@ -279,7 +284,7 @@ def prepare(files, tokenizer_path, out, val_ratio=0.0, workers=1, skip_bad_sampl
                 chat_tokens={p: tok.token_id(p) for p in CHAT_TOKENS})
     tasks = ((chunk, dt) for chunk in chunks(conversations(files, skip_bad_samples, counts), chunk_samples))
     splits = ["train"] + (["val"] if val_ratio > 0 else [])
-    with contextlib.ExitStack() as stack:  # a writer commits when the block ends, or removes its files on an error
+    with contextlib.ExitStack() as stack:  # on an error each writer removes its temp files
         writers = {s: stack.enter_context(TokenFileWriter(f"{out}_{s}", dt, {**meta, "split": s}, extra={"mask": np.uint8}))
                    for s in splits}
         rendered = imap_ordered(render_chunk, tasks, workers, init_worker, (tok.path,))
@@ -287,6 +292,7 @@ def prepare(files, tokenizer_path, out, val_ratio=0.0, workers=1, skip_bad_sampl
             raise SystemExit(f"{', '.join(files)}: no usable samples (counts: {dict(counts)})")
         for w in writers.values():
             w.meta["counts"] = dict(counts)
+        commit_together(writers)  # train + val as one unit: never a new train beside an old val
     return {"samples_read": counts["samples_read"], "bad_samples": counts["bad_samples"],
             **{f"{s}_samples": w.n_docs for s, w in writers.items()},
             **{f"{s}_tokens": w.n_tokens for s, w in writers.items()},
@@ -294,7 +300,8 @@ def prepare(files, tokenizer_path, out, val_ratio=0.0, workers=1, skip_bad_sampl
             **{f"{s}_file": w.prefix + ".bin" for s, w in writers.items()}}
 
 
-def main():
+@cli.boundary
+def main(argv=None):
     p = cli.parser(__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chatterbot", help="convert the chatterbot-corpus dialogues (the default SFT data) to sharegpt jsonl",
@@ -310,14 +317,15 @@ def main():
                         "or OpenAI (messages); .json list, .jsonl or .parquet, optionally .gz/.zst")
     r.add_argument("--tokenizer", required=True, help="tokenizer .model / tokenizer.json / folder holding one")
     r.add_argument("--out", required=True, help="output prefix: writes OUT_train.bin, OUT_train_mask.bin, OUT_train.json (+ OUT_val.*)")
-    r.add_argument("--val_ratio", type=float, default=0.0, help="fraction of samples for OUT_val, evenly spread (0: no val files)")
-    r.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer worker processes")
+    r.add_argument("--val_ratio", type=cli.fraction, default=0.0, help="fraction of samples for OUT_val, evenly spread (0: no val files)")
+    r.add_argument("--workers", type=cli.positive_int, default=max(1, os.cpu_count() or 1), help="tokenizer worker processes")
     cli.add_flag(r, "--skip_bad_samples", False, "skip samples with a missing field, unknown role, turns out of order "
                  "or an empty reply, and report their count, instead of stopping at the first")
-    r.add_argument("--chunk_samples", type=int, default=1024, help="samples per worker task")
-    r.add_argument("--max_seq_len", type=int, default=None,
+    r.add_argument("--chunk_samples", type=cli.positive_int, default=1024, help="samples per worker task")
+    r.add_argument("--max_seq_len", type=cli.positive_int, default=None,
                    help="also report how many samples a training row of this length would truncate or drop")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    cli.check_out_prefix(args.out, "--out")
     if args.command == "chatterbot":
         stats = convert_chatterbot(args.out, args.languages, args.corpus_dir)
         stats["file"] = args.out

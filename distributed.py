@@ -24,7 +24,6 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -130,11 +129,10 @@ def shutdown():
 
 @dataclass
 class Resume:
-    """The checkpoint a run continues from: its folder, the rank count that wrote it, and how to read the
-    weights of its model/ folder into the model (the backend decides when: before wrapping, or never)."""
+    """The checkpoint a run continues from: its folder and the rank count that wrote it. The trainer has read
+    its model/ weights into the model before the backend wraps it; the backend loads the optimizer state."""
     folder: str
     world_size: int
-    load_model: Callable
 
 
 def make_backend(args, dist, model, dtype, make_optimizer, resume=None):
@@ -160,8 +158,6 @@ class TorchBackend:
         if args.dtype == "float16" and dist.device.type != "cuda":
             raise SystemExit("--dtype float16: needs a GPU (use bfloat16 or float32 on CPU)")
         self.args, self.dist, self.raw_model = args, dist, model
-        if resume:  # weights before wrapping (DDP broadcasts rank 0's at construction); optimizer state later
-            resume.load_model(model, os.path.join(resume.folder, "model"))
         self.optimizer = make_optimizer(offload=False)
         # loss scaling keeps small fp16 grads from flushing to 0
         self.scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None

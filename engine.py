@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fast_decode
+from checkpoint import model_folder
 from lora import merge_lora
 from model import Transformer, sample
 from tokenizer import Tokenizer
@@ -44,6 +45,7 @@ def load_tokenizer(model_path, adapter=None, tokenizer=None) -> Tokenizer:
     """--tokenizer, else the one saved beside the adapter, else the one in the model folder."""
     if tokenizer:
         return Tokenizer(tokenizer)
+    model_path = model_folder(model_path)  # a trainer's step_N/ keeps the folder in model/
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise SystemExit(f"--model {model_path}: no config.json (not a checkpoint folder)")
     for folder in (adapter, model_path):
@@ -356,7 +358,7 @@ def generate(decoder, prompts, cfg: GenerationConfig, pad_id, tokenizer=None, st
     left-padded batch. A row stops at a stop id (kept in its output) or once its decoded text contains a
     stop string (its text is cut there, its ids end at the token that completed it). Returns the new ids
     of each row. Sampling draws from torch's global generator: seed it for reproducible output."""
-    if cfg.num_beams > 1:
+    if cfg.num_beams > 1 and cfg.max_new_tokens > 0:  # no step, no beam: nothing to search
         return beam_search(decoder, prompts, cfg, pad_id, tokenizer)
     device = next(decoder.model.parameters()).device
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_id))

@@ -5,15 +5,19 @@
     python eval.py generate --model out/sft --prompt "Once upon a time" [--temperature 0.8 --top_p 0.9 | --num_beams 4]
     python eval.py chat     --model out/sft [--adapter out/sft_lora] [--chat_inputs turns.txt]
     python eval.py mc       --model out/sft --data ceval_like.json
+    python eval.py          # report on the newest `bash run.sh` model: held-out perplexity and a few chats
 
-Every checkpoint the repo writes loads here: a pretrain or SFT folder, a GPTQ folder (through
-Transformer.from_pretrained), or a base folder plus a LoRA adapter (`--adapter`, merged by peft).
+Every checkpoint the repo writes loads here: a pretrain or SFT folder, a trainer's step_N/, a GPTQ folder
+(through Transformer.from_pretrained), or a base folder plus a LoRA adapter (`--adapter`, merged by peft).
+Without --model (and ppl's --data) the newest `bash run.sh` outputs are used (out/latest.json).
 Each subcommand is one function below; the work is done by library modules: scoring.py (perplexity,
 option log-likelihoods) and engine.py (the decoder, sampling, beam search, stop strings, streaming).
 On a GPU `--compile` runs the decode step as a CUDA graph (engine.Decoder).
 """
+import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -21,6 +25,7 @@ import torch
 
 import cli
 from attention import ATTN_IMPLS
+from checkpoint import model_folder
 from engine import Decoder, GenerationConfig, Streamer, finish_text, generate, load_model, load_tokenizer, request_seed
 from scoring import mc_accuracy, perplexity, read_mc, utf8_bytes
 from tokenizer import END_TOKEN, render_chat
@@ -44,6 +49,25 @@ def run_ppl(args, model, tokenizer, context):
     print(f"tokens: {n}")
     print(f"seq_len: {context}")
     print(f"seconds: {time.time() - t0:.1f}")
+
+
+REPORT_CHATS = ("你好", "你叫什么名字？", "你喜欢看书吗？")  # the turns run.sh's eval stage asks too
+
+
+def run_report(args, model, tokenizer, context):
+    """The default of `python eval.py`: perplexity on each held-out token file, then a few chat turns."""
+    if args.data:
+        held_out = [args.data]
+    else:
+        found = [cli.pipeline_path("val_data", "--data", required=False),
+                 (cli.pipeline_path("sft_val", "--data", required=False) or "") + ".bin"]
+        held_out = [path for path in found if path and os.path.isfile(path)]
+    print(f"model: {args.model}")
+    for path in held_out:
+        print(f"data: {path}")
+        run_ppl(argparse.Namespace(**{**vars(args), "data": path}), model, tokenizer, context)
+    cfg = generation_config(args, tokenizer)
+    chat(Decoder(model, compile=args.compile), tokenizer, cfg, REPORT_CHATS, context, seed=args.seed)
 
 
 def run_mc(args, model, tokenizer):
@@ -89,25 +113,36 @@ def run_generate(args, decoder, tokenizer, cfg, context):
     print(f"tokens/s: {n_new / dt:.1f}")
 
 
+def utf8_lines(binary, name):
+    """Text lines of a binary stream (stdin, a file); a line that is not UTF-8 stops with one line naming it."""
+    for n, raw in enumerate(binary, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            cli.fail(f"{name}:{n}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
 def run_chat(args, decoder, tokenizer, cfg, context):
     if args.chat_inputs:
-        with open(args.chat_inputs, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(args.chat_inputs, "rb") as f:
+            lines = list(utf8_lines(f, args.chat_inputs))
         interactive = False
     else:
         interactive = sys.stdin.isatty()
-        lines = iter(lambda: input("user: "), None) if interactive else sys.stdin
+        lines = iter(lambda: input("user: "), None) if interactive else utf8_lines(sys.stdin.buffer, "stdin")
     try:
         chat(decoder, tokenizer, cfg, lines, context, args.system, interactive, args.seed)
     except (EOFError, KeyboardInterrupt):
         print()
 
 
-def chat(decoder, tokenizer, cfg, lines, context=None, system=None, interactive=False, seed=None, out=sys.stdout):
+def chat(decoder, tokenizer, cfg, lines, context=None, system=None, interactive=False, seed=None, out=None):
     """Multi-turn chat over THE template (tokenizer.render_chat). Each user line is a turn; the reply
     stops at <|end|>. "/reset" forgets the conversation, "/exit" ends. Old exchanges are dropped when the
-    conversation no longer fits `context` tokens. Interactive: the reply streams; otherwise every turn is
+    conversation no longer fits `context` tokens; a turn that does not fit alone is not answered (a note says
+    so). Interactive: the reply streams; otherwise every turn is
     one line (`user: ...`, `assistant: "json string"`) for scripts."""
+    out = out or sys.stdout  # looked up per call (not bound at import): a redirected stdout is honoured
     end_id = tokenizer.token_id(END_TOKEN)
     cfg.stop_ids = sorted(set(cfg.stop_ids) | {i for i in (end_id, tokenizer.eos_id) if i is not None})
     start = [{"role": "system", "content": system}] if system else []
@@ -130,6 +165,11 @@ def chat(decoder, tokenizer, cfg, lines, context=None, system=None, interactive=
         while len(ids) > max_prompt and len(messages) > len(start) + 1:
             messages = start + messages[len(start) + 2:]  # drop the oldest user/assistant exchange
             ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
+        if len(ids) > max_prompt:  # never decode past the context: say so and leave this turn out
+            print(f"note: this turn needs {len(ids)} prompt tokens, more than the {max_prompt} the context leaves "
+                  f"({max_prompt + cfg.max_new_tokens} - max_new_tokens {cfg.max_new_tokens}); not answered", file=out)
+            messages.pop()
+            continue
         if cfg.temperature > 0:
             print(f"seed: {request_seed(seed)}", file=out)
         out.write("assistant: ")
@@ -160,8 +200,6 @@ def generation_config(args, tokenizer) -> GenerationConfig:
     bad_words = parse_json_flag("--bad_words", args.bad_words)
     if not all(isinstance(s, str) for s in stop_strings + bad_words):
         raise SystemExit("--stop_strings / --bad_words: expected a JSON list of strings")
-    if args.temperature < 0 or args.num_beams < 1 or args.max_new_tokens < 1:
-        raise SystemExit("--temperature must be >= 0, --num_beams and --max_new_tokens >= 1")
     if args.num_beams > 1 and args.temperature > 0:
         raise SystemExit("--num_beams > 1 with --temperature > 0: beam search here is deterministic; pick one")
     return GenerationConfig(
@@ -175,13 +213,14 @@ def generation_config(args, tokenizer) -> GenerationConfig:
 def model_args():
     """The flags of every subcommand: which checkpoint, on what, with which context."""
     p = cli.parser(None, add_help=False)
-    p.add_argument("--model", required=True, help="checkpoint folder (pretrain / SFT / GPTQ / HF Llama or NeoX)")
+    p.add_argument("--model", help="checkpoint folder (pretrain / SFT / step_N / GPTQ / HF Llama or NeoX; default: "
+                   "the newest `bash run.sh` model, out/latest.json)")
     p.add_argument("--adapter", help="LoRA adapter folder (peft) to merge into --model")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the one in --adapter or --model)")
     p.add_argument("--device", default=cli.default_device(), help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto",
                    help="weights dtype; auto: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--max_seq_len", type=int,
+    p.add_argument("--max_seq_len", type=cli.positive_int,
                    help="context to use (ppl window, chat history) instead of the trained one: length extrapolation")
     p.add_argument("--rope_scaling", help='override the rope scaling, JSON, e.g. \'{"rope_type":"yarn","factor":2}\' '
                    '(scaled relative to the trained length)')
@@ -193,13 +232,13 @@ def model_args():
 def generation_args():
     """The flags of generate and chat."""
     p = cli.parser(None, add_help=False)
-    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T)")
-    p.add_argument("--top_k", type=int, help="sample only among the k most likely tokens")
-    p.add_argument("--top_p", type=float, help="sample only among the smallest set of tokens with probability >= p")
-    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages tokens already seen (CTRL)")
-    p.add_argument("--num_beams", type=int, default=1, help="> 1: beam search with this many beams")
-    p.add_argument("--length_penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")
+    p.add_argument("--max_new_tokens", type=cli.nonneg_int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T)")
+    p.add_argument("--top_k", type=cli.positive_int, help="sample only among the k most likely tokens")
+    p.add_argument("--top_p", type=cli.probability, help="sample only among the smallest set of tokens with probability >= p")
+    p.add_argument("--repetition_penalty", type=cli.positive_float, default=1.0, help="> 1 discourages tokens already seen (CTRL)")
+    p.add_argument("--num_beams", type=cli.positive_int, default=1, help="> 1: beam search with this many beams")
+    p.add_argument("--length_penalty", type=cli.number(float), default=1.0, help="beam search: score = logprob / len ** this")
     p.add_argument("--early_stopping", choices=["false", "true", "never"], default="false",
                    help="beam search stop rule, as transformers")
     p.add_argument("--stop_ids", default="", help="comma-separated token ids that end a sequence (EOS always does)")
@@ -215,18 +254,20 @@ def generation_args():
 
 def build_parser():
     p = cli.parser(__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", metavar="{ppl,generate,chat,mc,report}",
+                           help="what to run (default: report)")
     common, gen = model_args(), generation_args()
 
     def add(name, parents, help):
         return sub.add_parser(name, parents=parents, help=help, formatter_class=cli.HelpFormatter)
 
     pp = add("ppl", [common], "perplexity and bits per byte on a .bin token file")
-    pp.add_argument("--data", required=True, help="token file X.bin (with its X.json) from data_process.py")
-    pp.add_argument("--stride", type=int,
+    pp.add_argument("--data", help="token file X.bin (with its X.json) from data_process.py (default: the "
+                    "held-out tokens of the newest `bash run.sh`)")
+    pp.add_argument("--stride", type=cli.positive_int,
                     help="sliding windows that advance by this many tokens (default: none overlap)")
-    pp.add_argument("--batch_size", type=int, default=8, help="windows per forward")
-    pp.add_argument("--max_tokens", type=int, help="evaluate only the first N tokens of the file")
+    pp.add_argument("--batch_size", type=cli.positive_int, default=8, help="windows per forward")
+    pp.add_argument("--max_tokens", type=cli.positive_int, help="evaluate only the first N tokens of the file")
     pg = add("generate", [common, gen], "continue a prompt (or a file of prompts, one per line)")
     src = pg.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
@@ -238,6 +279,13 @@ def build_parser():
     pm.add_argument("--data", required=True, help="JSON list / JSON lines of {question, A..D | options, answer}")
     pm.add_argument("--prompt_format", default="{question}\n答案：",
                     help="how the question is shown before an option")
+    pr = add("report", [common, generation_args()], "perplexity on the held-out token files, then a few chat turns "
+             "(what `python eval.py` alone runs)")
+    pr.add_argument("--stride", type=cli.positive_int, help="sliding windows that advance by this many tokens (default: none overlap)")
+    pr.add_argument("--data", help="token file to score (default: the newest `bash run.sh`'s held-out files)")
+    pr.add_argument("--batch_size", type=cli.positive_int, default=8, help="windows per forward")
+    pr.add_argument("--max_tokens", type=cli.positive_int, help="score only the first N tokens of each file")
+    pr.set_defaults(max_new_tokens=40, repetition_penalty=1.1)  # on its own copy of the generation flags
     return p
 
 
@@ -249,6 +297,9 @@ def load(args):
     dtype = cli.torch_dtype(args.dtype) if args.dtype != "auto" else (torch.bfloat16 if on_gpu else torch.float32)
     # the model keeps its trained max_seq_len: RoPE scalings measure extension against it (YaRN's
     # original length, dynamic NTK's threshold); --max_seq_len only sets how much context is used here
+    args.model = model_folder(args.model or cli.pipeline_path("model", "--model"))
+    if args.cmd == "ppl" and not args.data:
+        args.data = cli.pipeline_path("val_data", "--data")
     overrides = {}
     if args.rope_scaling:
         overrides["rope_scaling"] = parse_json_flag("--rope_scaling", args.rope_scaling)
@@ -258,10 +309,21 @@ def load(args):
     return load_model(args.model, args.adapter, args.device, dtype, **overrides), tokenizer
 
 
+@cli.boundary
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["report", *argv]  # `python eval.py [flags]`: the default report
     args = build_parser().parse_args(argv)
     model, tokenizer = load(args)
     context = args.max_seq_len or model.args.max_seq_len
+    if (getattr(args, "stride", None) or 0) > context:  # windows would skip the tokens between them
+        cli.fail(f"--stride {args.stride}", f"larger than the context of {context} tokens (--max_seq_len)")
+    if args.cmd == "chat" and args.max_new_tokens >= context:
+        cli.fail(f"--max_new_tokens {args.max_new_tokens}", f"leaves no room for a prompt in the context of "
+                 f"{context} tokens (--max_seq_len)")
+    if args.cmd == "report":
+        return run_report(args, model, tokenizer, context)
     if args.cmd == "ppl":
         return run_ppl(args, model, tokenizer, context)
     if args.cmd == "mc":

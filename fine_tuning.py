@@ -25,9 +25,11 @@ import torch
 
 import cli
 import lora
+from checkpoint import model_folder
 from distributed import print0, setup_distributed
 from sft_data import SFTDataset
 from tokenizer import Tokenizer
+from tokens import check_model_tokenizer
 from trainer import add_train_args, seed_everything, train
 
 
@@ -71,8 +73,10 @@ class SFTBatches:
 def get_parser():
     p = cli.parser(__doc__)
     g = p.add_argument_group("fine-tuning data")
-    g.add_argument("--train_data", required=True, help="SFT token files of dataset_sft.py prepare (X.bin / X.json / X)")
-    g.add_argument("--val_data", default=None, help="SFT validation token files (none: no eval)")
+    g.add_argument("--train_data", help="SFT token files of dataset_sft.py prepare (X.bin / X.json / X; "
+                   "default: the newest `bash run.sh`'s, out/latest.json)")
+    g.add_argument("--val_data", help="SFT validation token files ('none': no eval; default: the newest "
+                   "`bash run.sh`'s when --train_data is not given either)")
     g.add_argument("--tokenizer", default=None, help="tokenizer the SFT files were made with (default: the one in --init_from)")
     g.add_argument("--sft_mode", default="packing", choices=["packing", "padding"],
                    help="several samples per row (attention stays within each) or one right-padded sample per row")
@@ -82,6 +86,16 @@ def get_parser():
     add_train_args(p)
     p.set_defaults(**lora.FINETUNE_DEFAULTS)
     return p
+
+
+def resolve_paths(args):
+    """Flags left out default to what the newest `bash run.sh` made (out/latest.json); a step_N/ checkpoint of
+    a trainer run names its model/ folder."""
+    if args.train_data is None:
+        args.train_data = cli.pipeline_path("sft_train", "--train_data")
+        args.val_data = args.val_data or cli.pipeline_path("sft_val", "--val_data", required=False)
+    args.val_data = None if args.val_data == "none" else args.val_data
+    args.init_from = model_folder(args.init_from or cli.pipeline_path("pretrain", "--init_from"))
 
 
 def check_args(args):
@@ -103,13 +117,17 @@ def load_data(args, tokenizer, max_seq_len, world_size):
     return train_data, val_data
 
 
+@cli.boundary
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    resolve_paths(args)
     check_args(args)
+    cli.check_out_dir(args.out_dir, "--out_dir")
     dist = setup_distributed(args)
     seed_everything(args.seed)
     model, peft_model = lora.build_model(args, dist.device)  # first: it names a --init_from that is no checkpoint
     tokenizer = Tokenizer(args.tokenizer or args.init_from)
+    check_model_tokenizer(args.init_from, tokenizer.file_hash)  # the SFT ids must mean what the base's ids mean
     T = model.args.max_seq_len
     if tokenizer.vocab_size > model.args.vocab_size:
         raise SystemExit(f"--tokenizer {tokenizer.path}: vocab_size {tokenizer.vocab_size} exceeds the model's "

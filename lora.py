@@ -20,7 +20,7 @@ import os
 import torch
 
 from attention import ATTN_IMPLS, attention, repeat_kv
-from cli import add_flag
+from cli import add_flag, positive_int
 from checkpoint import atomic_files, head_name
 from model import Transformer
 from trainer import resolve_dtype
@@ -168,8 +168,9 @@ def enable_s2_attn(model, group_size):
 def add_args(parser):
     """The flags build_model reads: the base, its context, the attention and LoRA."""
     g = parser.add_argument_group("model: base, long context, LoRA (lora.py)")
-    g.add_argument("--init_from", required=True, help="base checkpoint folder: ours, or a HF Llama / GPT-NeoX folder")
-    g.add_argument("--max_seq_len", type=int, default=None, help="row length in tokens (default: the base's trained length)")
+    g.add_argument("--init_from", help="base checkpoint folder: ours, a HF Llama / GPT-NeoX folder or a step_N/ "
+                   "(default: the pretrained model of the newest `bash run.sh`, out/latest.json)")
+    g.add_argument("--max_seq_len", type=positive_int, default=None, help="row length in tokens (default: the base's trained length)")
     g.add_argument("--rope_scaling", type=json.loads, default=None,
                    help='RoPE scaling for a longer context, HF style, e.g. \'{"rope_type":"yarn","factor":2}\' '
                         "(linear | dynamic | yarn)")
@@ -178,7 +179,7 @@ def add_args(parser):
              "the heads shifted by half a group (needs plain rows: fine_tuning.py --sft_mode padding)")
     g.add_argument("--attn_impl", default="auto", help=f"attention backend: {' | '.join(ATTN_IMPLS)}")
     add_flag(g, "--lora", False, "train a LoRA adapter (peft) instead of all weights")
-    g.add_argument("--lora_r", type=int, default=8, help="LoRA rank r")
+    g.add_argument("--lora_r", type=positive_int, default=8, help="LoRA rank r")
     g.add_argument("--lora_alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / r")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
     g.add_argument("--lora_targets", default=None,

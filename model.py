@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import ATTN_IMPLS, attention, build_attn_mask, resolve_attn_impl
-from checkpoint import args_from_config, head_name, hf_config, load_state_dict, load_weights, read_config, save_folder
+from checkpoint import (args_from_config, head_name, hf_config, load_state_dict, load_weights, model_folder,
+                        read_config, save_folder)
 from loss import chunked_cross_entropy
 from rope import normalize_rope_scaling, rope_inv_freq
 
@@ -476,9 +477,10 @@ class Transformer(nn.Module):
         replace ModelArgs fields (attn_impl, max_seq_len, rope_scaling, ...): the one way to change the context
         of a loaded model. A new YaRN rope_scaling keeps the trained length as its original length (YaRN's L0),
         else it would measure from the new max_seq_len. dtype: of the parameters ("auto" keeps the stored one)."""
+        folder = model_folder(folder)  # a trainer's step_N/ is accepted too
         config = read_config(folder)
         try:
-            args = ModelArgs(**args_from_config(config))
+            args = ModelArgs(**args_from_config(config, ModelArgs))
             bad = set(overrides) - {f.name for f in fields(ModelArgs)}
             if bad:
                 raise ValueError(f"{sorted(bad)[0]}: not a ModelArgs field")

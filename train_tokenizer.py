@@ -40,6 +40,15 @@ def training_sentences(docs, max_chars=1000):
                 yield line[i:i + max_chars]
 
 
+def keep_error(items, errors: list):
+    """Yield the items; an exception while making them (a bad input line) ends the stream and is kept in
+    `errors`: sentencepiece swallows what its sentence_iterator raises and trains on what it got."""
+    try:
+        yield from items
+    except BaseException as e:
+        errors.append(e)
+
+
 def write_hf_files(out_dir: str):
     """Let transformers read tokenizer.model: convert it with transformers' own Llama converter and save the
     result (tokenizer.json + tokenizer_config.json). HF ids equal sentencepiece's: no BOS/EOS added by default,
@@ -81,9 +90,10 @@ def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_ty
     prefix = os.path.join(out_dir, "tokenizer")
     docs = clean_documents(iter_documents(input_files, text_field, txt_docs, strip_tags, skip_bad_lines),
                            min_chars, dedup)
+    errors = []  # what reading the inputs raised (a bad line, a damaged file): reported instead of training on less
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_sentences(docs),
+            sentence_iterator=keep_error(training_sentences(docs), errors),
             model_prefix=prefix + ".tmp",
             model_type=model_type,
             vocab_size=vocab_size,
@@ -101,7 +111,13 @@ def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_ty
             **SPECIAL,
         )
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
-        raise SystemExit(f"train_tokenizer: sentencepiece refused: {str(e).splitlines()[-1]}")
+        if not errors:
+            raise SystemExit(f"train_tokenizer: sentencepiece refused: {str(e).splitlines()[-1]}")
+    if errors:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(prefix + ".tmp" + ext):
+                os.remove(prefix + ".tmp" + ext)
+        raise errors[0]
     for ext in (".model", ".vocab"):
         os.replace(prefix + ".tmp" + ext, prefix + ext)
     # transformers' Llama tokenizer is a BPE model, so only a BPE tokenizer.model converts to the same ids
@@ -114,20 +130,22 @@ def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_ty
     return prefix + ".model"
 
 
-def main():
+@cli.boundary
+def main(argv=None):
     p = cli.parser(__doc__)
     add_input_args(p)
     p.add_argument("--out_dir", default="tokenizer", help="folder for tokenizer.model and the transformers files (default: tokenizer)")
-    p.add_argument("--vocab_size", type=int, default=32000, help="number of pieces, ids 0..vocab_size-1 (default: 32000)")
+    p.add_argument("--vocab_size", type=cli.positive_int, default=32000, help="number of pieces, ids 0..vocab_size-1 (default: 32000)")
     p.add_argument("--model_type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model type (default: bpe)")
-    p.add_argument("--input_sentence_size", type=int, default=5_000_000,
+    p.add_argument("--input_sentence_size", type=cli.positive_int, default=5_000_000,
                    help="train on a uniform random sample of this many lines; bounds memory on huge corpora (default: 5000000)")
-    p.add_argument("--character_coverage", type=float, default=0.9995,
+    p.add_argument("--character_coverage", type=cli.probability, default=0.9995,
                    help="share of characters covered by single pieces; the rest fall back to bytes (default: 0.9995)")
     cli.add_flag(p, "--allow_uint32", False, "allow --vocab_size > 65535 (uint32 token files)")
     cli.add_flag(p, "--hf_files", True, "also write tokenizer.json + tokenizer_config.json for transformers (BPE only)")
-    p.add_argument("--num_threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
-    args = p.parse_args()
+    p.add_argument("--num_threads", type=cli.positive_int, default=None, help="sentencepiece training threads (default: all cores)")
+    args = p.parse_args(argv)
+    cli.check_out_dir(args.out_dir, "--out_dir")
     files = resolve_inputs(args)
     t0 = time.perf_counter()
     path = train_tokenizer(files, args.out_dir, args.vocab_size, args.model_type, args.text_field, args.txt_docs,

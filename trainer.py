@@ -30,8 +30,10 @@ Checkpoints (out_dir/step_00001000/):
     state/   meta.json (step, tokens seen, world size, args), rng_rank{R}.pt (python / numpy / torch / cuda
              RNG of each rank), and the backend's optimizer state: trainer.pt (optimizer, grad scaler)
              or deepspeed/ (DeepSpeed's sharded checkpoint)
-Written to step_N.tmp/ and renamed when complete; the last --keep_last are kept. At the end the final
-model is also written to out_dir itself, so out_dir is a checkpoint folder too.
+Written to step_N.tmp/, marked COMPLETE and renamed; the last --keep_last are kept; --resume takes the newest
+that is complete and loads, naming any it passes over (run_checkpoints.py). Without --resume an out_dir that
+holds another run's checkpoints is refused. At the end the final model is also written to out_dir
+itself, so out_dir is a checkpoint folder too.
 A DDP run resumes exactly on any GPU count (the full optimizer state is saved, the data order depends
 only on the step). A DeepSpeed run resumes on the same count from its sharded checkpoint; on another
 count that checkpoint is first converted to DeepSpeed's universal form (state/deepspeed_universal/),
@@ -45,7 +47,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -55,8 +56,9 @@ import torch
 import torch.utils.checkpoint
 
 from checkpoint import head_name, load_state_dict
-from cli import add_flag
+from cli import add_flag, nonneg_float, nonneg_int, positive_int
 from distributed import REPO, Resume, all_reduce_sum, barrier, make_backend, print0, setup_distributed, shutdown
+from run_checkpoints import FORMAT, begin_save, check_out_dir, choose_checkpoint, commit, prune, read_meta
 
 # dense bf16 peak FLOP/s per GPU, used for MFU (a substring of torch.cuda.get_device_name)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -68,16 +70,16 @@ def add_train_args(parser):
     g = parser.add_argument_group("training (trainer.py)")
     g.add_argument("--out_dir", default="out/pretrain", help="checkpoints, log.jsonl, tensorboard and the final model")
     g.add_argument("--max_steps", type=int, default=1000, help="optimizer steps to train for")
-    g.add_argument("--batch_size", type=int, default=8, help="micro-batch rows per GPU per forward")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    g.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--batch_size", type=positive_int, default=8, help="micro-batch rows per GPU per forward")
+    g.add_argument("--grad_accum", type=positive_int, default=1, help="micro-batches accumulated per optimizer step")
+    g.add_argument("--lr", type=nonneg_float, default=3e-4, help="peak learning rate")
+    g.add_argument("--min_lr", type=nonneg_float, default=3e-5, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup steps")
     g.add_argument("--lr_decay_steps", type=int, default=None, help="step where cosine decay reaches min_lr (default max_steps)")
     g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay, applied to matrices only")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    g.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="training precision; auto = bfloat16 on a GPU that has it, float32 on CPU")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (the local rank picks the GPU)")
@@ -86,9 +88,9 @@ def add_train_args(parser):
     add_flag(g, "--gradient_checkpointing", False,
              "recompute layer activations in backward (less memory, one more forward of compute)")
     g.add_argument("--seed", type=int, default=1337, help="seed for model init and data sampling")
-    g.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
+    g.add_argument("--log_interval", type=positive_int, default=10, help="steps between log lines")
     g.add_argument("--eval_interval", type=int, default=200, help="steps between evals on the validation data (0 = only at the end)")
-    g.add_argument("--eval_iters", type=int, default=20, help="validation micro-batches per eval (a fixed set of rows)")
+    g.add_argument("--eval_iters", type=nonneg_int, default=20, help="validation micro-batches per eval (a fixed set of rows)")
     g.add_argument("--save_interval", type=int, default=500, help="steps between checkpoints (0 = only at the end)")
     g.add_argument("--keep_last", type=int, default=3, help="checkpoints to keep in out_dir")
     add_flag(g, "--resume", False, "continue from the latest checkpoint in out_dir")
@@ -152,14 +154,6 @@ def enable_gradient_checkpointing(model):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_dirs(out_dir):
-    """Complete checkpoints (renamed from .tmp), oldest first."""
-    if not os.path.isdir(out_dir):
-        return []
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith("step_") and not n.endswith(".tmp"))
-    return [os.path.join(out_dir, n) for n in names]
-
-
 def rng_state():
     s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -192,7 +186,9 @@ def default_load_model(model, folder):
 # ----------------------------------------------------------------------------- logging
 
 class Logger:
-    """`name: value` lines on stdout, out_dir/log.jsonl (for plots), TensorBoard, optional wandb. Rank 0 only."""
+    """`name: value` lines on stdout, out_dir/log.jsonl (for plots), TensorBoard, optional wandb. Rank 0 only.
+    A training line: `step: 120/2000 loss: ... tokens/s: ... elapsed: 1m05s eta: 17m02s`; eta = time per step
+    so far (evals and checkpoints included) times the steps left."""
 
     def __init__(self, args, enabled):
         self.enabled = enabled
@@ -235,6 +231,16 @@ class Logger:
                 self.wandb.finish()
 
 
+def duration(seconds) -> str:
+    """12s, 4m05s, 2h03m: a time a person reads at a glance."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -262,12 +268,6 @@ class StopSignal:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def read_meta(ckpt) -> dict:
-    """A checkpoint's state/meta.json: step, tokens seen, skipped steps, rows per step, world size, args."""
-    with open(os.path.join(ckpt, "state", "meta.json")) as f:
-        return json.load(f)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 class Trainer:
@@ -276,6 +276,7 @@ class Trainer:
         self.args, self.train_data, self.val_data = args, train_data, val_data
         self.tokenizer_path, self.save_model_fn = tokenizer_path, save_model
         self.dist = d = setup_distributed(args)
+        check_out_dir(args.out_dir, args.resume)  # before anything is written there
         self.dtype = resolve_dtype(args, d.device)
         self.raw_model = model
         seed_everything(args.seed + d.rank)  # dropout differs per rank; the weights were seeded alike before
@@ -284,24 +285,26 @@ class Trainer:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.to(d.device)
-        ckpt = self.latest_checkpoint()
-        resume = Resume(ckpt, read_meta(ckpt)["world_size"], load_model) if ckpt else None
+        resume = self.find_resume(load_model) if args.resume else None  # its weights are in the model now
         make_opt = functools.partial(make_optimizer, model, args, d.device)
         self.backend = make_backend(args, d, model, self.dtype, make_opt, resume)
         self.optimizer = self.backend.optimizer
-        if ckpt:
-            self.load_state(ckpt)
+        if resume:
+            self.load_state(resume.folder)
         self.seq_len = None
         self.logger = Logger(args, d.is_main)
         self.stop = StopSignal()
 
-    def latest_checkpoint(self):
-        """The newest complete checkpoint folder of out_dir with --resume, else None."""
+    def find_resume(self, load_model):
+        """The newest checkpoint of out_dir that is complete and loads (run_checkpoints.py), its weights read
+        into the model before any backend wraps it; None (a fresh start) when out_dir holds none."""
         args = self.args
-        ckpt = checkpoint_dirs(args.out_dir)[-1] if args.resume and checkpoint_dirs(args.out_dir) else None
-        if args.resume and ckpt is None:
+        state_file = "deepspeed" if args.use_deepspeed else "trainer.pt"
+        found = choose_checkpoint(args.out_dir, state_file, lambda folder: load_model(self.raw_model, folder), print0)
+        if found is None:
             print0(f"resume: no checkpoint in {args.out_dir}, starting fresh")
-        return ckpt
+            return None
+        return Resume(found[0], found[1]["world_size"])
 
     # rows of the global batch that this rank processes at micro-step m
     def rows(self, m):
@@ -356,10 +359,13 @@ class Trainer:
             return grad_norm
         self.skipped_steps += 1
         self.bad_in_a_row += 1
-        print0(f"step {self.step + 1}: non-finite loss {loss}, update skipped ({self.bad_in_a_row} in a row)")
+        # a finite loss with a skipped update: the gradients overflowed (inf / nan norm, an fp16 loss-scale overflow)
+        what = f"non-finite loss {loss}" if not math.isfinite(loss) else \
+            f"gradient overflow (loss {loss:.4f}, gradient norm {grad_norm})"
+        print0(f"step {self.step + 1}: {what}, update skipped ({self.bad_in_a_row} in a row)")
         if self.bad_in_a_row >= args.max_bad_steps:
-            raise SystemExit(f"--max_bad_steps {args.max_bad_steps}: {self.bad_in_a_row} non-finite losses in a "
-                             f"row at step {self.step + 1}; lower --lr, use bfloat16, or check the data")
+            raise SystemExit(f"--max_bad_steps {args.max_bad_steps}: {self.bad_in_a_row} skipped updates (non-finite "
+                             f"loss or gradients) in a row at step {self.step + 1}; lower --lr, use bfloat16, or check the data")
         return grad_norm
 
     @torch.no_grad()
@@ -386,11 +392,9 @@ class Trainer:
         final = os.path.join(args.out_dir, f"step_{self.step:08d}")
         tmp = final + ".tmp"
         if d.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(final, ignore_errors=True)
-            os.makedirs(os.path.join(tmp, "state"))
+            begin_save(final)
         barrier()
-        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+        meta = {"format": FORMAT, "step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                 "rows_per_step": self.rows_per_step, "world_size": d.world_size, "args": vars(args)}
         self.save_model(os.path.join(tmp, "model"))
         self.backend.save_state(os.path.join(tmp, "state"))
@@ -399,10 +403,9 @@ class Trainer:
                 json.dump(meta, f, indent=1, default=str)
         torch.save(rng_state(), os.path.join(tmp, "state", f"rng_rank{d.rank}.pt"))
         barrier()
-        if d.is_main:
-            os.replace(tmp, final)  # a checkpoint exists only once complete
-            for old in checkpoint_dirs(args.out_dir)[:-args.keep_last] if args.keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+        if d.is_main:  # every rank has written its files: the marker, then the rename, then pruning
+            commit(tmp, final)
+            prune(args.out_dir, args.keep_last)
             print0(f"checkpoint: {final}")
         barrier()
 
@@ -430,8 +433,14 @@ class Trainer:
         peak = peak_flops(d.device)
         has_mfu = hasattr(self.raw_model, "estimate_mfu")
         t0, step0 = time.time(), self.step
+        start, start_step = t0, self.step  # elapsed / eta: wall time of this run, evals and checkpoints included
         stop = False
         val_loss = None
+        if self.step >= args.max_steps:  # a finished run resumed, or --max_steps at or below its step
+            print0(f"--max_steps {args.max_steps}: nothing to train, the run is at step {self.step}")
+            self.logger.close()
+            return {"step": self.step, "loss": None, "val_loss": None, "tokens_seen": self.tokens_seen,
+                    "skipped_steps": self.skipped_steps, "stopped_by_signal": False}
         while self.step < args.max_steps and not stop:
             loss, lr, grad_norm, stop = self.train_step()
             last = self.step == args.max_steps or stop
@@ -442,11 +451,15 @@ class Trainer:
                 tok_s = (self.step - step0) * self.rows_per_step * self.seq_len / max(dt, 1e-9)
                 mfu = self.raw_model.estimate_mfu(tok_s / d.world_size, peak) if peak and has_mfu else None
                 mem = memory_gib(d.device)
-                line = (f"step: {self.step} loss: {loss:.4f} lr: {lr:.3e} tokens/s: {tok_s:.0f} "
-                        f"mfu: {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} mem: {mem:.2f} GiB")
+                elapsed = time.time() - start
+                eta = elapsed / max(self.step - start_step, 1) * (args.max_steps - self.step)
+                line = (f"step: {self.step}/{args.max_steps} loss: {loss:.4f} lr: {lr:.3e} tokens/s: {tok_s:.0f} "
+                        f"mfu: {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} mem: {mem:.2f} GiB "
+                        f"elapsed: {duration(elapsed)} eta: {duration(eta)}")
                 self.logger.log(self.step, line, loss=loss, lr=lr, tokens_per_s=tok_s, mfu=mfu,
                                 grad_norm=grad_norm, mem_gib=mem, tokens_seen=self.tokens_seen,
-                                skipped_steps=self.skipped_steps)
+                                skipped_steps=self.skipped_steps, max_steps=args.max_steps,
+                                elapsed_s=round(elapsed, 1), eta_s=round(eta, 1))
                 t0, step0 = time.time(), self.step
             if self.val_data is not None and args.eval_iters > 0 and (
                     (args.eval_interval and self.step % args.eval_interval == 0) or last):

@@ -90,7 +90,7 @@ def run_until_sigterm(launcher, corpus, out, steps, at_step, nproc=2, **kw):
     seen = []
     for line in p.stdout:
         seen.append(line)
-        if line.startswith(f"step: {at_step} loss:"):
+        if line.startswith(f"step: {at_step}/"):
             p.send_signal(signal.SIGTERM)
     p.wait(timeout=300)
     return p.returncode, "".join(seen)

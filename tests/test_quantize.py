@@ -15,6 +15,7 @@ from gptq import (BITS, QuantLinear, decode_qzeros, dequantize_weight, encode_qz
                   quantize_weight, unpack_cols, unpack_rows)
 from model import ModelArgs, Transformer
 from quantize import get_args, run
+from tokenizer import file_sha256
 
 VOCAB, SEQ = 256, 64
 
@@ -65,8 +66,8 @@ def trained(tmp_path_factory):
     model.save_pretrained(str(d / "fp"), tokenizer_path=str(d / "tok"))
     for name in ("calib", "val"):
         splits[name].astype(np.uint16).tofile(d / f"{name}.bin")
-        (d / f"{name}.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": VOCAB,
-                                                    "n_tokens": len(splits[name])}))
+        (d / f"{name}.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": VOCAB, "n_tokens": len(splits[name]),
+                                                    "tokenizer_hash": file_sha256(str(d / "tok" / "tokenizer.json"))}))
     return model.eval(), d, splits
 
 
