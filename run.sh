@@ -45,9 +45,9 @@ setup_venv() {
   if [ ! -f "$stamp" ]; then
     echo "setup: installing $reqs into .venv"
     .venv/bin/pip install -q -r "$reqs"
-    if [ "$reqs" = requirements-test.txt ]; then   # built against the torch above, not an isolated one
-      .venv/bin/pip install -q --no-build-isolation deepspeed==0.19.8
-    fi
+    # DeepSpeed (the multigpu preset, `deepspeed ... pretrain.py`) is built against the torch above, not an
+    # isolated one; its run-time requirements come with requirements.txt
+    .venv/bin/pip install -q --no-build-isolation deepspeed==0.19.8
     touch "$stamp"
   fi
   PY=.venv/bin/python
