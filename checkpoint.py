@@ -22,6 +22,7 @@ import tempfile
 
 import torch
 
+from cli import read_json_object
 from gptq import load_quantized
 from rope import ntk_base
 
@@ -152,14 +153,7 @@ def read_config(folder) -> dict:
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise SystemExit(f"{config_path}: no config.json (not a checkpoint folder)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{config_path}: not JSON ({e})")
-    if not isinstance(config, dict):
-        raise SystemExit(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(config_path)
 
 
 def read_tensors(path) -> dict:

@@ -96,6 +96,19 @@ def pipeline_path(name: str, flag: str, required=True):
 
 # ----------------------------------------------------------------------------- bad input: one line, no traceback
 
+def read_json_object(path: str, what: str = "") -> dict:
+    """A JSON file that must hold an object; otherwise a one-line SystemExit naming the file. `what` starts the
+    message with the file's role (e.g. "not a token-file meta: ")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: {what}not JSON ({e})")
+    if not isinstance(obj, dict):
+        raise SystemExit(f"{path}: {what}expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def fail(what: str, why: str):
     """Stop the stage with one line naming the flag or file the user gave and what is wrong with it."""
     raise SystemExit(f"{what}: {why}")

@@ -8,7 +8,6 @@ Our folder already loads in transformers (config.json has the HF keys); `--to hf
 own "model_args" key. The weights themselves are the same tensors in every direction (tested bit-exact).
 """
 import glob
-import json
 import os
 import re
 from dataclasses import asdict
@@ -65,13 +64,7 @@ def merge_meta_shards(shards, dim):
 
 def read_params(path) -> dict:
     """Meta's params.json, checked: JSON, known keys, positive integer sizes (a one-line SystemExit otherwise)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            params = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: not JSON ({e})")
-    if not isinstance(params, dict):
-        raise SystemExit(f"{path}: expected a JSON object")
+    params = cli.read_json_object(path)
     unknown = sorted(set(params) - META_KEYS)
     if unknown:
         raise SystemExit(f"{path}: {unknown[0]}: not supported")

@@ -15,9 +15,10 @@ can never disagree:
     mask:  0 everywhere except the assistant's text tokens and its <|end|> (1 = trained on)
 """
 import hashlib
-import json
 import os
 import re
+
+from cli import read_json_object
 
 # ids of special pieces when a HF tokenizer.json does not say which is which: the first
 # name found in the vocabulary wins (Llama/sentencepiece names first, then GPT-NeoX / Llama-3 names)
@@ -122,13 +123,7 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(folder, name)
             if os.path.isfile(p):
-                try:
-                    with open(p, encoding="utf-8") as f:
-                        cfg = json.load(f)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise SystemExit(f"{p}: not JSON ({e})")
-                if not isinstance(cfg, dict):
-                    raise SystemExit(f"{p}: expected a JSON object")
+                cfg = read_json_object(p)
                 for key in ("bos_token", "eos_token", "pad_token"):
                     v = cfg.get(key)
                     v = v.get("content") if isinstance(v, dict) else v

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from cli import read_json_object
 from tokenizer import tokenizer_hashes
 
 
@@ -147,13 +148,7 @@ ARRAY_DTYPES = ("uint8", *TOKEN_DTYPES)  # parallel arrays (the SFT loss mask is
 
 def read_meta(path: str) -> dict:
     """X.json of a token file, checked: JSON, an object, a token dtype, integer n_tokens and vocab_size."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: not a token-file meta (not JSON: {e})")
-    if not isinstance(meta, dict):
-        raise SystemExit(f"{path}: not a token-file meta (expected a JSON object, got {type(meta).__name__})")
+    meta = read_json_object(path, "not a token-file meta: ")
     if meta.get("dtype") not in TOKEN_DTYPES:
         raise SystemExit(f"{path}: dtype {meta.get('dtype')!r} is not a token dtype ({' or '.join(TOKEN_DTYPES)})")
     for key in ("n_tokens", "vocab_size"):

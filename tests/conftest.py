@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-model tests (pytestmark = pytest.mark.usefixtures("one_thread")): their matmuls are
+    far too small to split across threads; on a busy machine the thread hand-offs cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -221,7 +221,7 @@ CASES = [
     ("pretrain_meta_uint8", pretrain, lambda F, t: PT(F, t, "--data", F["meta_uint8"]), 1, r"dtype 'uint8' is not a token dtype"),
     ("pretrain_meta_float16", pretrain, lambda F, t: PT(F, t, "--data", F["meta_f16"]), 1, r"dtype 'float16' is not a token dtype"),
     ("pretrain_meta_no_dtype", pretrain, lambda F, t: PT(F, t, "--data", F["meta_nodtype"]), 1, r"nod\.json: dtype None is not"),
-    ("pretrain_meta_not_json", pretrain, lambda F, t: PT(F, t, "--data", F["meta_nojson"]), 1, r"nj\.json: not a token-file meta \(not JSON"),
+    ("pretrain_meta_not_json", pretrain, lambda F, t: PT(F, t, "--data", F["meta_nojson"]), 1, r"nj\.json: not a token-file meta: not JSON"),
     ("pretrain_init_from_other_tokenizer", pretrain, lambda F, t: PT(F, t, "--init_from", F["model_other"]), 1,
      r"^--init_from .*model_other: trained with tokenizer hash \w+, but the tokenizer in use has hash"),
     ("pretrain_init_from_trunc", pretrain, lambda F, t: PT(F, t, "--init_from", F["ck_trunc"]), 1, r"cannot read the weights"),

@@ -16,14 +16,7 @@ STEPS = ["--batch_size", "4", "--grad_accum", "1", "--warmup_steps", "0", "--log
          "--eval_iters", "2", "--tensorboard", "False", "--device", "cpu", "--dtype", "float32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are far too small to split across threads; on a busy machine the thread
-    hand-offs cost more than the math (one step: ~1.5 s on 2 threads vs ~0.1 s on 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 @pytest.fixture(scope="module")

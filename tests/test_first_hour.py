@@ -35,12 +35,7 @@ STAGE_SCRIPTS = ["train_tokenizer.py", "data_process.py", "dataset_sft.py", "pre
                  "eval.py", "quantize.py", "convert.py", "bench.py", "plot_figures.py"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 import checkpoint
 import pretrain
@@ -35,12 +34,7 @@ def reviews(n):
         return [next(f) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 @pytest.fixture(scope="module")
