@@ -90,9 +90,9 @@ def atomic_dir(folder, write):
             raise SystemExit(f"{folder}: exists and is not empty, not replaced ({e.strerror})") from None
 
 
-def atomic_files(folder, write, tmp=None, names=None):
+def atomic_files(folder, write, names=None):
     """write(tmp) into a fresh temp folder, then move its files (or just `names`) into `folder` one by one, so
-    each appears there whole; the other files of `folder` stay. tmp: unused (a fresh staging folder is made)."""
+    each appears there whole; the other files of `folder` stay."""
     with staging_dir(folder) as staging:
         tmp = os.path.join(staging, "files")
         write(tmp)

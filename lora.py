@@ -73,7 +73,7 @@ def add_lora(model, base_folder, r=8, alpha=16, dropout=0.05, targets=None):
 
 def save_adapter(peft_model, folder):
     """adapter_config.json + adapter_model.safetensors, written to folder.tmp then moved in."""
-    atomic_files(folder, peft_model.save_pretrained, folder.rstrip("/") + ".adapter.tmp", ADAPTER_FILES)
+    atomic_files(folder, peft_model.save_pretrained, ADAPTER_FILES)
 
 
 def load_adapter(peft_model, folder, flag="--resume"):

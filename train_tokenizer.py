@@ -73,7 +73,7 @@ def write_hf_files(out_dir: str):
             json.dump(cfg, f, ensure_ascii=False, indent=2)
 
     # save into a temp folder, then move the files in: never a half-written tokenizer.json under its name
-    atomic_files(out_dir, write, os.path.join(out_dir, "hf.tmp"))
+    atomic_files(out_dir, write)
 
 
 def train_tokenizer(input_files, out_dir="tokenizer", vocab_size=32000, model_type="bpe", text_field=("text",),
