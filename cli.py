@@ -15,8 +15,11 @@ On/off flags take both spellings, `--lora` and `--lora True|False` (the seeds wr
     add_flag(parser, "--lora", False, "train a LoRA adapter")
 """
 import argparse
+import functools
 import json
 import os
+import sys
+import tempfile
 
 DTYPES = ("float32", "bfloat16", "float16")  # the --dtype names; torch_dtype(name) gives the torch dtype
 
@@ -144,8 +147,6 @@ def check_out_dir(path: str, flag: str):
     """An output folder the stage can write, checked before any work and without creating it: not an existing
     file, under a folder (its nearest existing ancestor) that is one and takes a new file (that also catches a
     read-only file system)."""
-    import os
-    import tempfile
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"{flag} {path}", "is a file, not a folder")
@@ -162,7 +163,6 @@ def check_out_dir(path: str, flag: str):
 
 def check_out_prefix(prefix: str, flag: str):
     """An output prefix (data/x writes data/x_train.bin ...): its folder is an output folder."""
-    import os
     check_out_dir(os.path.dirname(os.path.abspath(prefix)), flag)
 
 
@@ -170,8 +170,6 @@ def boundary(main):
     """The error boundary of a stage's main(): an OSError (a full disk, a read-only or vanished path met while
     writing) ends the stage with one line naming the file, not a traceback. Bad flags and files are refused
     before this, by the checks above and the loaders (checkpoint.py, tokens.py, tokenizer.py, corpus.py)."""
-    import functools
-
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
@@ -201,7 +199,6 @@ class _Lines:
 
 def progress(iterable=None, **kwargs):
     """tqdm on stderr: a bar on a terminal; in a log (not a tty) a plain line every 30 s and at the end."""
-    import sys
     from tqdm import tqdm
     if not sys.stderr.isatty():
         kwargs = {"file": _Lines(sys.stderr), "mininterval": 30, "ncols": 100, **kwargs}
